@@ -1,0 +1,185 @@
+"""Identification of rare-token neurons (paper §3.1, §4.1): the Python API behind ``raretoken run``.
+
+>>> from raretoken.run import identify, make_config
+>>> result = identify(make_config(preset="demo"), out_dir="raretoken-runs/demo")  # doctest: +SKIP
+>>> result.rare_fit.plateau_neurons                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.sampling import ContextSample
+from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
+from ..errors import InsufficientDataError
+from ..stats.regimes import RegimeBootstrap, RegimeFit, bootstrap_regimes, fit_regimes
+from .cache import ArrayCache, default_cache_dir
+from .config import RunConfig
+from .manifest import RunDirectory
+from .outputs import write_identification
+from .stages import Stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronTable:
+    """Per-neuron Δloss of the final MLP layer (eq. 3), one row per neuron id.
+
+    ``delta_rare`` / ``delta_common`` are the mean of ``|L - L̃(i)|`` over the rare / common
+    target positions; the ``*_signed`` columns are the mean of ``L̃(i) - L`` (positive: the
+    ablation hurts).
+    """
+
+    layer: int
+    neuron_ids: np.ndarray
+    delta_rare: np.ndarray
+    delta_rare_signed: np.ndarray
+    delta_common: np.ndarray
+    delta_common_signed: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Identification:
+    """Everything the identification stage found, with the arrays the analyses reuse."""
+
+    config: RunConfig
+    run_dir: Path
+    counts: TokenCounts
+    token_strings: np.ndarray
+    split: FrequencySplit
+    sample: ContextSample
+    rare_positions: np.ndarray
+    common_positions: np.ndarray
+    neurons: NeuronTable
+    rare_fit: RegimeFit
+    common_fit: RegimeFit
+    rare_boot: RegimeBootstrap | None
+    common_boot: RegimeBootstrap | None
+    base_loss: np.ndarray
+    acts: np.ndarray
+    block_input: np.ndarray | None
+    delta: np.ndarray
+    stages: Stages
+
+    @property
+    def plateau_neurons(self) -> np.ndarray:
+        return self.rare_fit.plateau_neurons
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    name = "embedded" if cfg.model == "embedded" else Path(cfg.model.rstrip("/")).name
+    return Path("raretoken-runs") / f"{name}-{cfg.preset}"
+
+
+def identify(
+    cfg: RunConfig,
+    out_dir: Path | str | None = None,
+    *,
+    cache_dir: Path | str | None = None,
+    no_cache: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Identification:
+    """Run (or resume) identification and write its run directory."""
+    cfg.validate()
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    run = RunDirectory.open(out, cfg.to_dict(), overwrite=overwrite)
+    cache = ArrayCache(None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir())
+    st = Stages(cfg, cache, progress=progress)
+    t0 = time.perf_counter()
+
+    def timed(name: str, t: float, **info: object) -> None:
+        run.record_stage(name, seconds=round(time.perf_counter() - t, 3), **info)
+
+    t = time.perf_counter()
+    counts, strings = st.token_counts()
+    split = split_rare_common(counts, percentile=cfg.percentile)
+    timed("token_statistics", t, key=st.counts_key(), n_tokens=counts.n_tokens)
+
+    t = time.perf_counter()
+    sample, ref, sample_key, ref_key = st.samples(split)
+    rare_mask, common_mask = split.masks()
+    rare_pos = _scored_index(sample, rare_mask)
+    common_pos = _scored_index(sample, common_mask)
+    timed("sampling", t, key=sample_key, n_rare_positions=len(rare_pos), n_common_positions=len(common_pos))
+    if len(rare_pos) < 2:
+        raise InsufficientDataError(
+            f"only {len(rare_pos)} rare-target positions in {sample.n_positions} scored tokens; "
+            "use more windows (--n-windows), --sampling until_rare, or a higher --percentile"
+        )
+
+    t = time.perf_counter()
+    cap, cap_key = st.capture(sample, sample_key, reference=False)
+    ref_cap, ref_cap_key = st.capture(ref, ref_key, reference=True)
+    mean_acts = ref_cap.acts.astype(np.float64).mean(0).astype(np.float32)
+    timed("forward", t, key=cap_key, reference_key=ref_cap_key)
+
+    t = time.perf_counter()
+    delta = st.ablation(cap, mean_acts, cap_key, ref_cap_key)
+    timed("ablation", t, method=cfg.method, tol=cfg.tol)
+
+    t = time.perf_counter()
+    neurons = _neuron_table(delta, rare_pos, common_pos, layer=-1)
+    rare_fit = fit_regimes(neurons.delta_rare, neurons.neuron_ids)
+    common_fit = fit_regimes(neurons.delta_common, neurons.neuron_ids)
+    rare_boot = common_boot = None
+    if cfg.n_boot > 0:
+        rare_boot = bootstrap_regimes(
+            np.abs(delta[rare_pos]), neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed
+        )
+        common_boot = bootstrap_regimes(
+            np.abs(delta[common_pos]), neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed + 1
+        )
+    timed("regimes", t, n_boot=cfg.n_boot)
+
+    result = Identification(
+        config=cfg,
+        run_dir=out,
+        counts=counts,
+        token_strings=strings,
+        split=split,
+        sample=sample,
+        rare_positions=rare_pos,
+        common_positions=common_pos,
+        neurons=neurons,
+        rare_fit=rare_fit,
+        common_fit=common_fit,
+        rare_boot=rare_boot,
+        common_boot=common_boot,
+        base_loss=cap.base_loss,
+        acts=cap.acts,
+        block_input=cap.block_input,
+        delta=delta,
+        stages=st,
+    )
+    write_identification(result, run)
+    run.set("identity", {"model": st.model_id, "corpus": st.context_corpus_id,
+                         "freq_corpus": st.freq_corpus_id})  # fmt: skip
+    run.set("total_seconds", round(time.perf_counter() - t0, 3))
+    run.save()
+    return result
+
+
+def _scored_index(sample: ContextSample, vocab_mask: np.ndarray) -> np.ndarray:
+    """Indices into the captured (scored) positions whose target is in ``vocab_mask``."""
+    targets = sample.target_ids[sample.target_mask]
+    return np.flatnonzero(np.asarray(vocab_mask, dtype=bool)[targets])
+
+
+def _neuron_table(delta: np.ndarray, rare: np.ndarray, common: np.ndarray, layer: int) -> NeuronTable:
+    d_rare = delta[rare].astype(np.float64)
+    d_common = delta[common].astype(np.float64)
+    return NeuronTable(
+        layer=layer,
+        neuron_ids=np.arange(delta.shape[1]),
+        delta_rare=np.abs(d_rare).mean(0),
+        delta_rare_signed=d_rare.mean(0),
+        delta_common=np.abs(d_common).mean(0),
+        delta_common_signed=d_common.mean(0),
+    )

@@ -1,0 +1,184 @@
+"""Files of a run directory: tables (Parquet/CSV/JSON), figures (PNG/SVG), a summary (Markdown).
+
+Every file is written atomically (temporary file + rename) and registered in the manifest
+with a one-line description, so ``manifest.json`` doubles as the index of the run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..plotting.frequency import FrequencyDisplay
+from ..plotting.rank_curve import RankCurveDisplay
+from .cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .manifest import RunDirectory
+
+if TYPE_CHECKING:
+    from .identification import Identification
+
+
+def write_parquet(path: Path, columns: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_csv(path: Path, columns: dict[str, Any]) -> None:
+    names = list(columns)
+    rows = zip(*(np.asarray(columns[n]).tolist() for n in names), strict=True)
+    lines = [",".join(names)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(v) for v in row))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = str(v)
+    return '"' + s.replace('"', '""') + '"' if ("," in s or '"' in s) else s
+
+
+def write_identification(res: Identification, run: RunDirectory) -> None:
+    out = res.run_dir
+    n = res.neurons
+    plateau = np.isin(n.neuron_ids, res.rare_fit.plateau_neurons)
+    rank_rare = np.empty_like(n.neuron_ids)
+    rank_rare[np.argsort(-n.delta_rare, kind="stable")] = np.arange(1, len(n.neuron_ids) + 1)
+    rank_common = np.empty_like(n.neuron_ids)
+    rank_common[np.argsort(-n.delta_common, kind="stable")] = np.arange(1, len(n.neuron_ids) + 1)
+    cols: dict[str, Any] = {
+        "neuron": n.neuron_ids,
+        "delta_rare": n.delta_rare,
+        "delta_rare_signed": n.delta_rare_signed,
+        "delta_common": n.delta_common,
+        "delta_common_signed": n.delta_common_signed,
+        "rank_rare": rank_rare,
+        "rank_common": rank_common,
+        "plateau": plateau,
+    }
+    if res.rare_boot is not None:
+        cols["plateau_bootstrap_frequency"] = res.rare_boot.membership_frequency
+    write_parquet(out / "neurons.parquet", cols)
+    write_csv(out / "neurons.csv", cols)
+    run.record_output("neurons", "neurons.parquet",
+                      "per final-layer neuron: Δloss on rare/common targets (mean |ΔL| and signed), "
+                      "ranks, plateau membership (also neurons.csv)")  # fmt: skip
+
+    targets = res.sample.target_ids[res.sample.target_mask]
+    win, pos = np.nonzero(res.sample.target_mask)
+    rare_m, common_m = res.split.masks()
+    klass = np.where(rare_m[targets], "rare", np.where(common_m[targets], "common", "excluded"))
+    write_parquet(out / "positions.parquet", {
+        "window": win, "position": pos, "target_id": targets,
+        "target_token": res.token_strings[targets], "class": klass, "base_loss": res.base_loss,
+    })  # fmt: skip
+    run.record_output("positions", "positions.parquet",
+                      "every scored position: window, position, target token, class, base loss")  # fmt: skip
+
+    counts = np.asarray(res.counts.counts)
+    tok_class = np.where(rare_m, "rare", np.where(common_m, "common", "excluded"))
+    write_parquet(out / "tokens.parquet", {
+        "token_id": np.arange(len(counts)), "token": res.token_strings[: len(counts)],
+        "count": counts, "class": tok_class,
+    })  # fmt: skip
+    run.record_output("tokens", "tokens.parquet", "vocabulary: count in the frequency corpus, class")
+    atomic_write_json(out / "token_split.json", {
+        "counts": res.counts.to_dict(), "split": res.split.to_dict(include_ids=False),
+        "sample": res.sample.to_dict(),
+        "n_rare_positions": len(res.rare_positions), "n_common_positions": len(res.common_positions),
+    })  # fmt: skip
+    run.record_output("token_split", "token_split.json",
+                      "elbow, rare/common thresholds, sample size and rare/common position counts")  # fmt: skip
+
+    regimes = {
+        "rare": res.rare_fit.to_dict(),
+        "common": res.common_fit.to_dict(),
+        "rare_bootstrap": None if res.rare_boot is None else res.rare_boot.to_dict(),
+        "common_bootstrap": None if res.common_boot is None else res.common_boot.to_dict(),
+    }
+    atomic_write_json(out / "regimes.json", regimes)
+    run.record_output("regimes", "regimes.json",
+                      "three-regime fits (rare and common) with bootstrap intervals")  # fmt: skip
+
+    fig_dir = out / "figures"
+    disp = RankCurveDisplay.from_fits(res.rare_fit, res.common_fit).plot()
+    disp.savefig(fig_dir / "rank_curve")
+    run.record_output("fig_rank_curve", "figures/rank_curve.png",
+                      "Figure 1: log-log rank curve of Δloss, rare and common (also .svg)")  # fmt: skip
+    FrequencyDisplay.from_split(res.counts, res.split).plot().savefig(fig_dir / "token_frequency")
+    run.record_output("fig_token_frequency", "figures/token_frequency.png",
+                      "rank-frequency curve with the elbow and the rare threshold (also .svg)")  # fmt: skip
+
+    summary = identification_summary(res)
+    atomic_write_text(out / "summary.md", summary)
+    run.record_output("summary", "summary.md", "plain-language findings")
+    run.save()
+
+
+def _ci(ci: tuple[float, float] | None, fmt: str = ".2f") -> str:
+    return "n/a" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def identification_summary(res: Identification) -> str:
+    cfg = res.config
+    f = res.rare_fit
+    fc = res.common_fit
+    sp = res.split
+    lines = [
+        "# raretoken: rare-token neuron identification",
+        "",
+        f"Model `{cfg.model}`, corpus `{cfg.corpus}` (preset `{cfg.preset}`, seed {cfg.seed}).",
+        "",
+        "## Tokens",
+        f"- {res.counts.n_tokens:,} tokens counted; elbow at count {sp.elbow.count_threshold:g} "
+        f"({sp.n_excluded:,} token types excluded).",
+        f"- Rare = the {sp.percentile:g}th percentile of retained types (count ≤ {sp.rare_max_count}): "
+        f"{sp.n_rare:,} rare and {sp.n_common:,} common types.",
+        f"- Scored {res.sample.n_positions:,} positions ({res.sample.n_windows} windows × "
+        f"{res.sample.window_len}): **{len(res.rare_positions)} rare-target** and "
+        f"{len(res.common_positions):,} common-target positions.",
+        "",
+        "## Final-layer neurons (mean ablation, eq. 2–3)",
+    ]
+    top = np.argsort(-res.neurons.delta_rare)[:5]
+    lines.append(
+        "- Largest Δloss on rare targets: "
+        + ", ".join(f"#{i} ({res.neurons.delta_rare[i]:.3g})" for i in top)
+        + "."
+    )
+    if f.has_plateau:
+        lines.append(
+            f"- **A plateau exists**: {f.plateau_size} neurons ({100 * f.plateau_size / f.n_neurons:.1f}% "
+            f"of {f.n_neurons}) sit above the power law — these are the rare-token neurons."
+        )
+    else:
+        lines.append(
+            f"- **No plateau** was detected in the rare-token rank curve (best model: "
+            f"{f.best.n_segments} segment(s))."
+        )
+    lines.append(f"- Power-law exponent κ = {f.kappa:.3f} (rare); κ = {fc.kappa:.3f} (common).")
+    if res.rare_boot is not None:
+        b = res.rare_boot
+        lines.append(
+            f"- Bootstrap over positions ({b.n_boot} resamples, {int(100 * b.level)}% intervals): "
+            f"κ {_ci(b.ci_kappa, '.3f')}, plateau size {_ci(b.ci_plateau_size, '.0f')}, "
+            f"plateau found in {100 * b.plateau_existence_rate:.0f}% of resamples."
+        )
+    lines.append(
+        f"- Common tokens: {'a plateau' if fc.has_plateau else 'no plateau'} "
+        f"({fc.best.n_segments} segment(s))."
+    )
+    lines += ["", "See `figures/rank_curve.png`, `neurons.parquet` and `manifest.json`.", ""]
+    return "\n".join(lines)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
