@@ -5,19 +5,21 @@ For a position with base softmax ``p`` and a neuron ablated to its mean, the log
 by its mean under ``p`` and ``u`` by a per-neuron constant changes ``g`` by a constant that
 cancels, so take ``h' = h - E_p h`` and ``u' = u - med(u)``.
 
-The vocabulary is split per neuron into its ``K`` most extreme logit-direction entries (the
-*head*, position-independent) and the rest:
+The vocabulary is split per position into its ``K`` most probable tokens (the *head*) and the
+rest (the *tail*, whose probability mass is small):
 
-* head: ``Σ_{v∈H_i} p_v e^{g_v}`` summed exactly (``K`` terms per pair);
-* rest: ``e^g`` replaced by its third-order Taylor polynomial, whose ``p``-weighted sum needs
-  the moments ``E[h'^j u'^m]`` with ``j + m ≤ 3``: six ``positions × vocab × neurons`` matrix
-  products for all neurons at once, minus the head's share.
+* head: ``Σ_{v∈H_t} p_v e^{g_v}`` summed exactly (``K`` terms per pair, batched products);
+* tail: ``e^g`` replaced by its fourth-order Taylor polynomial. Its ``p``-weighted sum needs the
+  moments ``E[h'^j u'^m]``: ``m = 1`` through the low-rank factorisation ``u = W_U P`` and
+  ``m = 2, 3, 4`` (and ``j = 1, m = 2``) as ``positions × vocab × neurons`` matrix products for
+  all neurons at once, minus the head's share. The mixed fourth-order terms are not computed;
+  they are bounded (Hölder).
 
-The Taylor remainder of the rest is bounded by ``e^M M² E_rest[g²] / 24`` with
-``M = |A| max|h'| + |B| max_{v∉H_i}|u'_v|``; the bound on the error of the log is
-``rem / (total - rem)``. Every pair whose bound exceeds ``tol`` is recomputed exactly
-(:func:`.exact.pair_delta`), so every returned value is within ``tol`` of exact arithmetic
-(up to floating-point rounding of the inputs).
+The remainder is bounded by Lagrange's form ``|e^y - T_4(y)| <= |y|^5 e^{max(y,0)} / 120``
+with Minkowski's inequality on ``E_tail|y|^5``, plus the bound on the mixed terms left out. The
+bound on the error of the log is ``rem / (total - rem)``; every pair whose bound exceeds ``tol``
+is recomputed exactly over the whole vocabulary, so every value is within ``tol`` of exact
+arithmetic on the given inputs (up to floating-point rounding, ~1e-6 in float32).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .exact import pair_delta
 from .inputs import AblationInputs, centered, logits_of
 from .scales import ablation_scalars, logit_offset
 
@@ -63,29 +64,17 @@ class _NeuronBlock:
     u2: torch.Tensor  # (V, Nb) u'^2
     u3: torch.Tensor  # (V, Nb) u'^3
     u4: torch.Tensor  # (V, Nb) u'^4
-    head: torch.Tensor  # (Nb, K) token ids of the head
-    u_head: torch.Tensor  # (Nb, K)
-    rest_max: torch.Tensor  # (Nb,) max |u'| outside the head
+    u_max: torch.Tensor  # (Nb,) max |u'| over the vocabulary
 
 
-def _prepare_block(
-    inputs: AblationInputs, wp: torch.Tensor, idx: slice, head_size: int
-) -> _NeuronBlock:
+def _prepare_block(inputs: AblationInputs, wp: torch.Tensor, idx: slice) -> _NeuronBlock:
     proj = (wp[idx] * inputs.norm.weight).T.contiguous()
     u = inputs.w_u @ proj
-    median = u.median(dim=0).values
+    median = u.mean(dim=0)  # any per-neuron constant works; the mean keeps |u'| small
     u = u - median[None, :]
-    k = min(head_size, u.shape[0])
-    top = u.abs().topk(min(k + 1, u.shape[0]), dim=0)
-    head = top.indices[:k].T.contiguous()
-    if k < u.shape[0]:
-        rest_max = top.values[k]
-    else:
-        rest_max = torch.zeros(u.shape[1], dtype=u.dtype, device=u.device)
-    u_head = u.T.gather(1, head)
     u2 = u * u
     return _NeuronBlock(
-        idx, wp[idx], proj, median, u, u.T.contiguous(), u2, u2 * u, u2 * u2, head, u_head, rest_max
+        idx, wp[idx], proj, median, u, u.T.contiguous(), u2, u2 * u, u2 * u2, u.abs().amax(0)
     )
 
 
@@ -93,7 +82,7 @@ def delta_loss_fast(
     inputs: AblationInputs,
     *,
     tol: float = 1e-6,
-    head_size: int = 64,
+    head_size: int = 32,
     chunk_positions: int = 128,
     neuron_block: int | None = None,
     memory_budget_bytes: int = 2 << 30,
@@ -109,7 +98,7 @@ def delta_loss_fast(
     tol:
         Pairs whose proven error bound exceeds ``tol`` are recomputed exactly.
     head_size:
-        ``K``, vocabulary entries per neuron summed exactly.
+        ``K``, most probable tokens per position summed exactly.
     chunk_positions:
         Positions per step (peak memory grows linearly with it).
     neuron_block, memory_budget_bytes:
@@ -133,10 +122,10 @@ def delta_loss_fast(
     n_fallback = 0
     for b0 in range(0, n_neu, neuron_block):
         idx = slice(b0, min(n_neu, b0 + neuron_block))
-        block = _prepare_block(inputs, wp, idx, head_size)
+        block = _prepare_block(inputs, wp, idx)
         for start in range(0, inputs.n_positions, chunk_positions):
             sl = slice(start, min(inputs.n_positions, start + chunk_positions))
-            res, nf = _chunk(inputs, block, c, sl, tol)
+            res, nf = _chunk(inputs, block, c, sl, tol, head_size)
             out[sl, idx] = res.float().cpu()
             n_fallback += nf
             if progress is not None:
@@ -149,7 +138,7 @@ def delta_loss_fast(
 
 
 def _chunk(
-    inputs: AblationInputs, block: _NeuronBlock, c: torch.Tensor, sl: slice, tol: float
+    inputs: AblationInputs, block: _NeuronBlock, c: torch.Tensor, sl: slice, tol: float, k: int
 ) -> tuple[torch.Tensor, int]:
     x = inputs.resid[sl]
     tgt = inputs.targets[sl]
@@ -161,65 +150,60 @@ def _chunk(
     acts = inputs.acts[sl, block.idx]
     a, b = ablation_scalars(x, acts, inputs.mean_acts[block.idx], block.wp, inputs.norm)
 
-    # Moments E_p[h'^j u'^m]. m = 1 through the low-rank factor u = W_U proj; m = 2, 3 full.
-    ph = p * h
+    # Head: the k most probable tokens of each position, summed exactly.
+    k = min(k, p.shape[1])
+    dt = p.dtype
+    p_tail = p
+    head_sum = torch.zeros_like(a)
+    if k > 0:
+        head_p, head_idx = p.topk(k, dim=-1)
+        head_h = h.gather(1, head_idx)
+        g = torch.addcmul(
+            a.to(dt)[:, None, :] * head_h[:, :, None], b.to(dt)[:, None, :], block.u[head_idx]
+        )
+        head_sum = torch.bmm(head_p[:, None, :], g.exp_()).squeeze(1).double()
+        del g
+        p_tail = p.scatter(1, head_idx, 0.0)
+
+    # Moments over the tail, E_tail[h'^j u'^m] = sum over tail tokens of p h'^j u'^m.
+    ph = p_tail * h
     ph2 = ph * h
-    full: dict[tuple[int, int], torch.Tensor] = {}
+    ph3 = ph2 * h
+    mom: dict[tuple[int, int], torch.Tensor] = {}
     med = block.median.double()[None, :]
-    for j, left in enumerate((p, ph, ph2)):
+    for j, left in enumerate((p_tail, ph, ph2)):
         scalar = left.sum(-1, dtype=torch.float64)[:, None]
-        full[(j, 0)] = scalar
-        full[(j, 1)] = ((left @ inputs.w_u) @ block.proj).double() - med * scalar
-    full[(3, 0)] = (ph2 * h).sum(-1, dtype=torch.float64)[:, None]
-    full[(0, 2)] = (p @ block.u2).double()
-    full[(0, 3)] = (p @ block.u3).double()
-    full[(1, 2)] = (ph @ block.u2).double()
-    full[(0, 4)] = (p @ block.u4).double()
-    h4 = (ph2 * h * h).sum(-1, dtype=torch.float64)[:, None]  # E_p h'^4 (whole vocabulary)
-    full[(4, 0)] = h4
-    h5 = (ph2 * h.abs().pow(3)).sum(-1, dtype=torch.float64)[:, None]  # E_p |h'|^5
+        mom[(j, 0)] = scalar
+        mom[(j, 1)] = ((left @ inputs.w_u) @ block.proj).double() - med * scalar
+    mom[(3, 0)] = ph3.sum(-1, dtype=torch.float64)[:, None]
+    h4 = (ph3 * h).sum(-1, dtype=torch.float64)[:, None]
+    u2 = (p_tail @ block.u2).double()
+    hu2 = (ph @ block.u2).double()
+    u3 = (p_tail @ block.u3).double()
+    u4 = (p_tail @ block.u4).double().clamp_min(0)
 
-    # Head: exact sum and its share of every moment.
-    a3, b3 = a[..., None], b[..., None]
-    p_head = p[:, block.head].double()  # (T, Nb, K)
-    h_head = h[:, block.head].double()
-    u_head = block.u_head[None].double()
-    head_sum = (p_head * torch.exp(a3 * h_head + b3 * u_head)).sum(-1)
-    hp = [p_head]
-    for _ in range(4):
-        hp.append(hp[-1] * h_head)
-
-    def rest(j: int, m: int) -> torch.Tensor:
-        share = hp[j] if m == 0 else hp[j] * u_head**m
-        return full[(j, m)] - share.sum(-1)
-
-    r02 = rest(0, 2)
-    e0 = rest(0, 0)
-    e1 = a * rest(1, 0) + b * rest(0, 1)
-    e2 = a * a * rest(2, 0) + 2 * a * b * rest(1, 1) + b * b * r02
-    e3 = (
-        a**3 * rest(3, 0)
-        + 3 * a * a * b * rest(2, 1)
-        + 3 * a * b * b * rest(1, 2)
-        + b**3 * rest(0, 3)
-    )
-    u4 = rest(0, 4).clamp_min(0)
-    e4 = a**4 * rest(4, 0) + b**4 * u4
+    e0 = mom[(0, 0)]
+    e1 = a * mom[(1, 0)] + b * mom[(0, 1)]
+    e2 = a * a * mom[(2, 0)] + 2 * a * b * mom[(1, 1)] + b * b * u2
+    e3 = a**3 * mom[(3, 0)] + 3 * a * a * b * mom[(2, 1)] + 3 * a * b * b * hu2 + b**3 * u3
+    e4 = a**4 * h4 + b**4 * u4
     total = head_sum + e0 + e1 + e2 / 2 + e3 / 6 + e4 / 24
 
-    # Error bound over the rest of the vocabulary (Hölder for the mixed fourth-order terms left
-    # out, Lagrange remainder of the fourth-order Taylor polynomial with Minkowski on E|y|^5).
+    # Error bound over the tail: Cauchy-Schwarz / Hölder for the mixed terms left out
+    # (A B² h'u'² of order 3 and all mixed terms of order 4), Lagrange's remainder of the
+    # fourth-order polynomial with Minkowski on E|y|^5 (E|u'|^5 <= max|u'| E u'^4).
     aa, ab = a.abs(), b.abs()
     dropped = (
         4 * aa * ab**3 * h4.pow(0.25) * u4.pow(0.75)
         + 6 * a * a * b * b * (h4 * u4).sqrt()
         + 4 * aa**3 * ab * h4.pow(0.75) * u4.pow(0.25)
     ) / 24
+    h5 = (ph3.abs() * h * h).sum(-1, dtype=torch.float64)[:, None]  # E_tail |h'|^5
     h_hi = h.amax(-1).double()[:, None]
     h_lo = h.amin(-1).double()[:, None]
-    rest_max = block.rest_max.double()[None, :]
-    m_pos = torch.where(a > 0, a * h_hi, a * h_lo).clamp_min(0) + ab * rest_max
-    fifth = (aa * h5.pow(0.2) + ab * (rest_max * u4).pow(0.2)).pow(5)
+    u_max = block.u_max.double()[None, :]
+    m_pos = torch.where(a > 0, a * h_hi, a * h_lo).clamp_min(0) + ab * u_max
+    fifth = (aa * h5.pow(0.2) + ab * (u_max * u4).pow(0.2)).pow(5)
     remainder = torch.exp(m_pos) * fifth / 120 + dropped
     slack = total - remainder
     bound = torch.where(slack > 0, remainder / slack.clamp_min(1e-300), math.inf)
@@ -230,9 +214,31 @@ def _chunk(
     bad = ~(bound <= tol)
     n_bad = int(bad.sum())
     if n_bad:
-        rows, cols = bad.nonzero(as_tuple=True)
-        step = max(1, (1 << 22) // h.shape[1])
-        for q in range(0, n_bad, step):
-            r, k = rows[q : q + step], cols[q : q + step]
-            res[r, k] = pair_delta(logp[r], h[r], block.u_t[k], a[r, k], b[r, k], tgt[r])
+        _fallback(res, bad, logp, h, block.u_t, a, b, tgt)
     return res, n_bad
+
+
+def _fallback(
+    res: torch.Tensor,
+    bad: torch.Tensor,
+    logp: torch.Tensor,
+    h: torch.Tensor,
+    u_t: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tgt: torch.Tensor,
+    max_elements: int = 1 << 22,
+) -> None:
+    """Exact log-sum-exp for the flagged pairs, grouped by position (rows broadcast)."""
+    vocab = h.shape[1]
+    step = max(1, max_elements // vocab)
+    dt = logp.dtype
+    for t in bad.any(dim=1).nonzero().flatten().tolist():
+        cols = bad[t].nonzero().flatten()
+        for q in range(0, len(cols), step):
+            k = cols[q : q + step]
+            dz = torch.addcmul(
+                a[t, k].to(dt)[:, None] * h[t][None, :], b[t, k].to(dt)[:, None], u_t[k]
+            )
+            lse = torch.logsumexp(dz + logp[t][None, :], dim=-1)
+            res[t, k] = (lse - dz[:, int(tgt[t])]).double()
