@@ -1,1 +1,51 @@
+"""Corpora, token statistics and context sampling."""
 
+from __future__ import annotations
+
+from raretoken.data.corpus import (
+    CorpusSpec,
+    Document,
+    corpus_identity,
+    iter_documents,
+    require_nonempty,
+)
+from raretoken.data.sampling import (
+    BosPolicy,
+    ContextSample,
+    is_heldout,
+    sample_until_rare,
+    sample_windows,
+    select_documents,
+    split_documents,
+)
+from raretoken.data.token_stats import (
+    Elbow,
+    FrequencySplit,
+    TokenCounts,
+    count_tokens,
+    find_elbow,
+    split_rare_common,
+    sweep_percentiles,
+)
+
+__all__ = [
+    "BosPolicy",
+    "ContextSample",
+    "CorpusSpec",
+    "Document",
+    "Elbow",
+    "FrequencySplit",
+    "TokenCounts",
+    "corpus_identity",
+    "count_tokens",
+    "find_elbow",
+    "is_heldout",
+    "iter_documents",
+    "require_nonempty",
+    "sample_until_rare",
+    "sample_windows",
+    "select_documents",
+    "split_documents",
+    "split_rare_common",
+    "sweep_percentiles",
+]

@@ -1,1 +1,39 @@
+"""Model adapters, loading, hooks and the tail runner."""
 
+from __future__ import annotations
+
+from .adapters import (
+    SUPPORTED_MODEL_TYPES,
+    GPT2Adapter,
+    LlamaAdapter,
+    ModelAdapter,
+    ModelDims,
+    NeoXAdapter,
+    NormSpec,
+    adapter_for,
+    check_model_type,
+)
+from .hooks import ablate_heads, attention_patterns, capture_input, replace_input
+from .loading import LoadedModel, ModelSpec, embedded_model_path, load_model
+from .tail import run_from_layer
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "GPT2Adapter",
+    "LlamaAdapter",
+    "LoadedModel",
+    "ModelAdapter",
+    "ModelDims",
+    "ModelSpec",
+    "NeoXAdapter",
+    "NormSpec",
+    "ablate_heads",
+    "adapter_for",
+    "attention_patterns",
+    "capture_input",
+    "check_model_type",
+    "embedded_model_path",
+    "load_model",
+    "replace_input",
+    "run_from_layer",
+]

