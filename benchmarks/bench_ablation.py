@@ -39,7 +39,9 @@ def _peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--windows", type=int, default=4, help="context windows of 512 tokens")
     ap.add_argument("--naive-neurons", type=int, default=24, help="neurons timed naively")
     ap.add_argument("--device", default="cpu")
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = load_model(ModelSpec(device=args.device))
     docs = iter_documents(CorpusSpec(source="embedded:wiki"))
-    sample = sample_windows(docs, lm.tokenizer, n_windows=args.windows + 2, seed=args.seed, progress=False)
+    sample = sample_windows(
+        docs, lm.tokenizer, n_windows=args.windows + 2, seed=args.seed, progress=False
+    )
     cap = capture_sample(lm.model, lm.adapter, sample, device=args.device)
     n_ref = 2 * sample.window_len
     mean_acts = torch.from_numpy(cap.acts[:n_ref].mean(0))
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     diff_delta = float((sub.abs().mean(0) - naive.abs().mean(0)).abs().max())
     out = sys.stdout
     out.write(f"device: {args.device}, torch threads: {torch.get_num_threads()}\n")
-    out.write(f"positions: {n_pos}, neurons: {n_neu} (naive on {len(neurons)}), vocab: {inputs.w_u.shape[0]}\n")
+    out.write(
+        f"positions: {n_pos}, neurons: {n_neu} (naive on {len(neurons)}), vocab: {inputs.w_u.shape[0]}\n"
+    )
     out.write(f"fast:  {t_fast:8.2f} s for all neurons; {per_fast * 1e6:8.3f} µs per neuron-token; "
               f"exact fallback {100 * stats.fallback_rate:.2f}% of pairs\n")  # fmt: skip
     out.write(f"naive: {t_naive:8.2f} s for {len(neurons)} neurons; {per_naive * 1e6:8.3f} µs per neuron-token; "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
 
 from raretoken.ablation.capture import capture_sample
 from raretoken.ablation.exact import delta_loss_exact
@@ -15,6 +14,7 @@ from raretoken.ablation.naive import delta_loss_forward, delta_loss_recompute
 from raretoken.data.sampling import ContextSample
 from raretoken.errors import NumericalError
 from raretoken.models.adapters import adapter_for
+from tiny import FAMILIES, tiny_model
 
 
 def _sample(vocab: int, n_windows: int = 3, seq: int = 33, seed: int = 0) -> ContextSample:
@@ -51,7 +51,11 @@ def _setup(family: str, dtype: torch.dtype = torch.float64, seed: int = 0):
 def test_capture_matches_model_logits(family: str) -> None:
     model, _, sample, cap, inputs = _setup(family)
     with torch.no_grad():
-        z = model(input_ids=torch.from_numpy(sample.input_ids)).logits[:, :-1].reshape(-1, model.config.vocab_size)
+        z = (
+            model(input_ids=torch.from_numpy(sample.input_ids))
+            .logits[:, :-1]
+            .reshape(-1, model.config.vocab_size)
+        )
     # the captured residual (stored float32) reproduces the model's logits through the adapter
     ours = logits_of(inputs.resid, inputs)
     assert torch.allclose(ours, z, atol=1e-4)
@@ -66,7 +70,10 @@ def test_fast_and_exact_match_hooked_forward(family: str) -> None:
     with torch.no_grad():
         from raretoken.models.hooks import capture_input
 
-        with capture_input(adapter.final_norm_module()) as rs, capture_input(adapter.mlp_out_proj(-1)) as ac:
+        with (
+            capture_input(adapter.final_norm_module()) as rs,
+            capture_input(adapter.mlp_out_proj(-1)) as ac,
+        ):
             model(input_ids=torch.from_numpy(sample.input_ids))
     mask = torch.from_numpy(sample.target_mask)
     resid = rs[-1][:, :-1][mask]

@@ -57,10 +57,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         kind = int if t.startswith("int") else float if t.startswith("float") else str
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=_HELP.get(f.name))
     p.add_argument("--config", type=Path, help="TOML file with settings (flags win)")
-    p.add_argument("--out", type=Path, help="run directory (default raretoken-runs/<model>-<preset>)")
+    p.add_argument(
+        "--out", type=Path, help="run directory (default raretoken-runs/<model>-<preset>)"
+    )
     p.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/raretoken)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run directory holding another run"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -113,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished stages are cached; rerun the same command to resume\n")
+        sys.stderr.write(
+            "interrupted: finished stages are cached; rerun the same command to resume\n"
+        )
         return 130
     return 0
 

@@ -59,7 +59,9 @@ class AblationInputs:
         if n_pos == 0:
             raise InsufficientDataError("no positions to score: the context sample is empty")
         if self.acts.shape != (n_pos, self.n_neurons):
-            raise ValueError(f"acts has shape {tuple(self.acts.shape)}, expected {(n_pos, self.n_neurons)}")
+            raise ValueError(
+                f"acts has shape {tuple(self.acts.shape)}, expected {(n_pos, self.n_neurons)}"
+            )
         if self.w_out.shape[1] != d_model or self.w_u.shape[1] != d_model:
             raise ValueError("w_out / w_u do not match the residual width")
         if self.targets.shape != (n_pos,):

@@ -27,7 +27,9 @@ class FrequencyDisplay:
     def from_split(cls, counts: TokenCounts, split: FrequencySplit) -> FrequencyDisplay:
         c = np.asarray(counts.counts, dtype=np.float64)
         c = np.sort(c[c > 0])[::-1]
-        return cls(c, float(split.elbow.count_threshold), int(split.rare_max_count), split.percentile)
+        return cls(
+            c, float(split.elbow.count_threshold), int(split.rare_max_count), split.percentile
+        )
 
     def plot(self, ax: Axes | None = None) -> FrequencyDisplay:
         if ax is None:

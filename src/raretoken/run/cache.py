@@ -66,6 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,7 +97,7 @@ class ArrayCache:
         try:
             with np.load(p, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:  # corrupt entry: recompute
+        except (OSError, ValueError, EOFError) as exc:  # corrupt entry: recompute
             log.warning("ignoring unreadable cache entry %s (%s)", p, exc)
             return None
 
@@ -108,7 +109,7 @@ class ArrayCache:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp.npz")
         os.close(fd)
         try:
-            np.savez(tmp, **dict(arrays))
+            np.savez(tmp, **dict(arrays))  # type: ignore[arg-type]
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

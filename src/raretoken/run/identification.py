@@ -107,7 +107,13 @@ def identify(
     rare_mask, common_mask = split.masks()
     rare_pos = _scored_index(sample, rare_mask)
     common_pos = _scored_index(sample, common_mask)
-    timed("sampling", t, key=sample_key, n_rare_positions=len(rare_pos), n_common_positions=len(common_pos))
+    timed(
+        "sampling",
+        t,
+        key=sample_key,
+        n_rare_positions=len(rare_pos),
+        n_common_positions=len(common_pos),
+    )
     if len(rare_pos) < 2:
         raise InsufficientDataError(
             f"only {len(rare_pos)} rare-target positions in {sample.n_positions} scored tokens; "
@@ -162,7 +168,7 @@ def identify(
     run.set("identity", {"model": st.model_id, "corpus": st.context_corpus_id,
                          "freq_corpus": st.freq_corpus_id})  # fmt: skip
     run.set("total_seconds", round(time.perf_counter() - t0, 3))
-    run.save()
+    run.finish()
     return result
 
 
@@ -172,7 +178,9 @@ def _scored_index(sample: ContextSample, vocab_mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(vocab_mask, dtype=bool)[targets])
 
 
-def _neuron_table(delta: np.ndarray, rare: np.ndarray, common: np.ndarray, layer: int) -> NeuronTable:
+def _neuron_table(
+    delta: np.ndarray, rare: np.ndarray, common: np.ndarray, layer: int
+) -> NeuronTable:
     d_rare = delta[rare].astype(np.float64)
     d_common = delta[common].astype(np.float64)
     return NeuronTable(

@@ -89,7 +89,9 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
         "token_id": np.arange(len(counts)), "token": res.token_strings[: len(counts)],
         "count": counts, "class": tok_class,
     })  # fmt: skip
-    run.record_output("tokens", "tokens.parquet", "vocabulary: count in the frequency corpus, class")
+    run.record_output(
+        "tokens", "tokens.parquet", "vocabulary: count in the frequency corpus, class"
+    )
     atomic_write_json(out / "token_split.json", {
         "counts": res.counts.to_dict(), "split": res.split.to_dict(include_ids=False),
         "sample": res.sample.to_dict(),

@@ -246,7 +246,9 @@ class Stages:
             },
         )
 
-    def capture(self, sample: ContextSample, sample_key: str, *, reference: bool) -> tuple[Capture, str]:
+    def capture(
+        self, sample: ContextSample, sample_key: str, *, reference: bool
+    ) -> tuple[Capture, str]:
         kind = "reference" if reference else "main"
         key = self._capture_key(sample_key, kind)
         hit = self.cache.load("capture", key)
@@ -269,7 +271,9 @@ class Stages:
         self.cache.save("capture", key, cap.to_arrays())
         return cap, key
 
-    def ablation(self, cap: Capture, mean_acts: np.ndarray, capture_key: str, ref_key: str) -> np.ndarray:
+    def ablation(
+        self, cap: Capture, mean_acts: np.ndarray, capture_key: str, ref_key: str
+    ) -> np.ndarray:
         """``(n_positions, d_mlp)`` signed loss change of ablating each neuron to its mean."""
         cfg = self.cfg
         key = cache_key(
@@ -290,7 +294,9 @@ class Stages:
             torch.from_numpy(mean_acts),
         ).to(device, dt)
         n_pos = inputs.n_positions
-        with tqdm(total=n_pos, desc="mean ablation (all neurons)", unit="pos", disable=not self.progress) as bar:
+        with tqdm(
+            total=n_pos, desc="mean ablation (all neurons)", unit="pos", disable=not self.progress
+        ) as bar:
             if cfg.method == "fast":
                 delta_t, stats = delta_loss_fast(inputs, tol=cfg.tol, progress=bar.update)
                 log.info("exact fallback for %.3f%% of pairs", 100 * stats.fallback_rate)
@@ -303,4 +309,3 @@ class Stages:
         delta = delta_t.numpy().astype(np.float32)
         self.cache.save("ablation", key, {"delta": delta})
         return delta
-

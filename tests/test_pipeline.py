@@ -1,0 +1,134 @@
+"""Identification end to end on a tiny model: outputs, cache reuse, run-directory safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import raretoken.run.stages as stages_mod
+from pipeline_fixtures import tiny_overrides, tiny_setup
+from raretoken.errors import ConfigError, RunDirectoryError
+from raretoken.run import identify, make_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("pipe")
+    model_dir, corpus = tiny_setup(root)
+    return root, model_dir, corpus
+
+
+def test_identify_writes_a_complete_run(setup: tuple[Path, Path, Path]) -> None:
+    root, model_dir, corpus = setup
+    cfg = make_config(overrides=tiny_overrides(model_dir, corpus))
+    res = identify(cfg, root / "run", cache_dir=root / "cache", progress=False)
+    out = root / "run"
+    for name in ("manifest.json", "neurons.parquet", "positions.parquet", "tokens.parquet",
+                 "regimes.json", "summary.md", "figures/rank_curve.png", "figures/rank_curve.svg",
+                 "token_split.json"):  # fmt: skip
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"] == cfg.to_dict()
+    assert manifest["versions"]["torch"]
+    assert {"token_statistics", "sampling", "forward", "ablation", "regimes"} <= set(
+        manifest["stages"]
+    )
+    table = pq.read_table(out / "neurons.parquet").to_pandas()
+    assert len(table) == 64  # d_mlp of the tiny model
+    # Δloss columns are the means of |ΔL| over the rare / common positions
+    assert np.allclose(
+        table["delta_rare"], np.abs(res.delta[res.rare_positions]).mean(0), atol=1e-6
+    )
+    assert np.allclose(
+        table["delta_common"], np.abs(res.delta[res.common_positions]).mean(0), atol=1e-6
+    )
+    assert manifest["stages"]["sampling"]["n_rare_positions"] == len(res.rare_positions) > 0
+    assert res.sample.n_windows == 8 and res.sample.window_len == 64
+
+
+def test_rerun_reuses_the_cache(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, model_dir, corpus = setup
+    cfg = make_config(overrides=tiny_overrides(model_dir, corpus))
+    first = identify(cfg, root / "run2", cache_dir=root / "cache", progress=False)
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("recomputed a cached stage")
+
+    monkeypatch.setattr(stages_mod, "load_model", boom)
+    monkeypatch.setattr(stages_mod, "delta_loss_fast", boom)
+    again = identify(cfg, root / "run2", cache_dir=root / "cache", progress=False)
+    assert np.array_equal(first.delta, again.delta)
+    assert np.array_equal(first.rare_fit.plateau_neurons, again.rare_fit.plateau_neurons)
+
+
+def test_changed_setting_is_not_served_stale(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, model_dir, corpus = setup
+    base = tiny_overrides(model_dir, corpus)
+    a = identify(
+        make_config(overrides=base), root / "run3a", cache_dir=root / "cache", progress=False
+    )
+    calls = []
+    real = stages_mod.delta_loss_fast
+
+    def spy(*args: object, **kw: object):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stages_mod, "delta_loss_fast", spy)
+    b = identify(
+        make_config(overrides=dict(base, seed=7)),
+        root / "run3b",
+        cache_dir=root / "cache",
+        progress=False,
+    )
+    assert calls, "a new seed must recompute the ablation"
+    assert not np.array_equal(a.sample.offsets, b.sample.offsets)
+
+
+def test_run_directory_holding_another_run_is_refused(setup: tuple[Path, Path, Path]) -> None:
+    root, model_dir, corpus = setup
+    base = tiny_overrides(model_dir, corpus)
+    identify(make_config(overrides=base), root / "run4", cache_dir=root / "cache", progress=False)
+    with pytest.raises(RunDirectoryError):
+        identify(make_config(overrides=dict(base, percentile=20.0)), root / "run4",
+                 cache_dir=root / "cache", progress=False)  # fmt: skip
+
+
+def test_interrupted_stage_leaves_nothing_trusted(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, model_dir, corpus = setup
+    cfg = make_config(overrides=dict(tiny_overrides(model_dir, corpus), seed=11))
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages_mod, "delta_loss_fast", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        identify(cfg, root / "run5", cache_dir=root / "cache5", progress=False)
+    assert not list((root / "cache5").glob("ablation/*"))
+    assert not list((root / "cache5").rglob("*.tmp*"))
+    manifest = json.loads((root / "run5" / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    monkeypatch.undo()
+    identify(cfg, root / "run5", cache_dir=root / "cache5", progress=False)  # resumes
+    assert list((root / "cache5").glob("ablation/*.npz"))
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        make_config(overrides={"percentile": 150})
+    with pytest.raises(ConfigError):
+        make_config(overrides={"percentile": 0})
+    with pytest.raises(ConfigError):
+        make_config(preset="nope")
+    with pytest.raises(ConfigError):
+        make_config(overrides={"n_windows": "many"})
