@@ -62,6 +62,7 @@ class Identification:
     rare_boot: RegimeBootstrap | None
     common_boot: RegimeBootstrap | None
     base_loss: np.ndarray
+    resid: np.ndarray
     acts: np.ndarray
     block_input: np.ndarray | None
     delta: np.ndarray
@@ -159,6 +160,7 @@ def identify(
         rare_boot=rare_boot,
         common_boot=common_boot,
         base_loss=cap.base_loss,
+        resid=cap.resid,
         acts=cap.acts,
         block_input=cap.block_input,
         delta=delta,
