@@ -154,3 +154,19 @@ def test_nan_activations_are_refused() -> None:
     )  # fmt: skip
     with pytest.raises(NumericalError):
         delta_loss_fast(bad)
+
+
+def test_float32_with_bfloat16_high_orders_keeps_the_bound() -> None:
+    """float32 inputs use bfloat16 for the 3rd/4th-order products; the bound must cover it."""
+    _, _, _, _, inputs = _setup("llama", seed=4)
+    big = AblationInputs(
+        resid=inputs.resid, acts=inputs.acts * 8, targets=inputs.targets, w_out=inputs.w_out,
+        mean_acts=inputs.mean_acts, norm=inputs.norm, w_u=inputs.w_u, b_u=inputs.b_u,
+    )  # fmt: skip
+    exact = delta_loss_exact(big)
+    f32 = big.to("cpu", torch.float32)
+    for tol in (1e-3, 1e-4):
+        fast, stats = delta_loss_fast(f32, tol=tol, head_size=4)
+        assert stats.n_fallback < stats.n_pairs  # the approximation is used somewhere
+        # float32 rounding of the inputs themselves is ~1e-6 here
+        assert (fast.double() - exact).abs().max() <= tol + 1e-5
