@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bpe_fixture import make_docs, make_tokenizer
 from raretoken.data.corpus import Document
 from raretoken.data.sampling import (
     ContextSample,
@@ -23,37 +23,6 @@ from raretoken.data.token_stats import FrequencySplit, count_tokens, split_rare_
 from raretoken.errors import ConfigError, CorpusError, InsufficientDataError
 
 # ------------------------------------------------------------------ fixtures
-
-
-def make_docs(n_docs: int, seed: int) -> list[Document]:
-    """Documents of made-up words drawn from a Zipf law (deterministic)."""
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "pe", "zu", "bi", "go"]
-    words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(400)})
-    p = 1.0 / np.arange(1, len(words) + 1)
-    p /= p.sum()
-    docs = []
-    for i in range(n_docs):
-        n = int(rng.integers(20, 80))
-        docs.append(Document(f"doc/{i}", " ".join(rng.choice(words, size=n, p=p)) + "."))
-    return docs
-
-
-def make_tokenizer(
-    texts: list[str], vocab_size: int = 400, eos: bool = True
-) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer with BOS (and EOS), trained on ``texts``."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    kwargs = {"eos_token": "</s>"} if eos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -51,4 +51,3 @@ def test_identification_on_smollm2_slice(tmp_path: Path) -> None:
     neurons = [0, 100, 777, 1535, *np.argsort(-res.neurons.delta_rare)[:3].tolist()]
     naive = delta_loss_recompute(inputs, neurons)
     assert (fast[:, neurons].double() - naive).abs().max() < 1e-4
-

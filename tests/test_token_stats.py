@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bpe_fixture import make_docs, make_tokenizer
 from raretoken.data.corpus import CorpusSpec, Document, iter_documents
 from raretoken.data.token_stats import (
     Elbow,
@@ -35,36 +35,6 @@ from raretoken.errors import (
 # ------------------------------------------------------------------ fixtures
 
 
-def make_docs(n_docs: int, seed: int) -> list[Document]:
-    """Documents of made-up words drawn from a Zipf law (deterministic)."""
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "pe", "zu", "bi", "go"]
-    words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(400)})
-    p = 1.0 / np.arange(1, len(words) + 1)
-    p /= p.sum()
-    docs = []
-    for i in range(n_docs):
-        n = int(rng.integers(20, 80))
-        docs.append(Document(f"doc/{i}", " ".join(rng.choice(words, size=n, p=p)) + "."))
-    return docs
-
-
-def make_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer with BOS/EOS, trained on ``texts``."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<|endoftext|>"
-    )
-
-
 @pytest.fixture(scope="module")
 def docs() -> list[Document]:
     return make_docs(300, seed=1)
@@ -72,7 +42,7 @@ def docs() -> list[Document]:
 
 @pytest.fixture(scope="module")
 def tokenizer(docs: list[Document]) -> PreTrainedTokenizerFast:
-    return make_tokenizer([d.text for d in docs[:100]])
+    return make_tokenizer([d.text for d in docs[:100]], unk=True)
 
 
 def planted_counts(n_types: int, break_rank: int, tail_exponent: float) -> np.ndarray:

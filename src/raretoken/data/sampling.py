@@ -368,39 +368,47 @@ def _special_id(tokenizer: Tokenizer, given: int | None, attr: str, why: str) ->
     return int(value)
 
 
-def _assemble(
-    stream: _Stream,
-    offsets: np.ndarray,
-    *,
-    window_len: int,
-    bos_policy: str,
-    bos_id: int | None,
-    seed: int,
-    mode: str,
-) -> ContextSample:
-    offsets = np.sort(offsets.astype(np.int64))
-    span = window_len + 1
-    rows = stream.tokens[offsets[:, None] + np.arange(span)[None, :]].astype(np.int64)
-    if bos_policy == "prepend":
-        assert bos_id is not None
-        rows = np.concatenate([np.full((rows.shape[0], 1), bos_id, dtype=np.int64), rows], 1)
-    target_ids = rows[:, 1:].copy()
-    target_mask = np.ones(target_ids.shape, dtype=bool)
-    if bos_policy == "prepend":
-        target_mask[:, 0] = False
-    return ContextSample(
-        input_ids=rows,
-        target_ids=target_ids,
-        target_mask=target_mask,
-        doc_ids=tuple(stream.doc_at(int(o)) for o in offsets),
-        offsets=offsets,
-        window_len=window_len,
-        bos_policy=bos_policy,
-        seed=int(seed),
-        mode=mode,
-        n_stream_tokens=int(stream.tokens.size),
-        stream_fingerprint=stream.fingerprint,
-    )
+@dataclass(frozen=True, eq=False)
+class _Draw:
+    """A token stream, its usable tiles in seeded random order, and how windows are cut."""
+
+    stream: _Stream
+    tiles: np.ndarray  # start offsets of the usable tiles, in the order they are taken
+    window_len: int
+    bos_policy: str
+    bos_id: int | None
+    seed: int
+
+    @property
+    def span(self) -> int:
+        return self.window_len + 1
+
+    def take(self, n_windows: int, mode: str) -> ContextSample:
+        """The first ``n_windows`` tiles as a sample (windows sorted by stream offset)."""
+        offsets = np.sort(self.tiles[:n_windows].astype(np.int64))
+        rows = self.stream.tokens[offsets[:, None] + np.arange(self.span)[None, :]]
+        rows = rows.astype(np.int64)
+        if self.bos_policy == "prepend":
+            assert self.bos_id is not None
+            bos = np.full((rows.shape[0], 1), self.bos_id, dtype=np.int64)
+            rows = np.concatenate([bos, rows], 1)
+        target_ids = rows[:, 1:].copy()
+        target_mask = np.ones(target_ids.shape, dtype=bool)
+        if self.bos_policy == "prepend":
+            target_mask[:, 0] = False
+        return ContextSample(
+            input_ids=rows,
+            target_ids=target_ids,
+            target_mask=target_mask,
+            doc_ids=tuple(self.stream.doc_at(int(o)) for o in offsets),
+            offsets=offsets,
+            window_len=self.window_len,
+            bos_policy=self.bos_policy,
+            seed=int(self.seed),
+            mode=mode,
+            n_stream_tokens=int(self.stream.tokens.size),
+            stream_fingerprint=self.stream.fingerprint,
+        )
 
 
 def _candidate_tiles(
@@ -418,6 +426,46 @@ def _candidate_tiles(
     if phase and tiles.size < _tiles(n_tokens, span, 0, exclude).size:
         tiles = _tiles(n_tokens, span, 0, exclude)  # a short stream: keep every possible tile
     return tiles[rng.permutation(tiles.size)]
+
+
+def _draw(
+    docs: Iterable[Document],
+    tokenizer: Tokenizer,
+    *,
+    window_len: int,
+    bos_policy: str,
+    seed: int,
+    max_context: int | None,
+    max_tokens: int,
+    exclude: ContextSample | None,
+    separator_id: int | None,
+    bos_id: int | None,
+    progress: bool,
+    rare_mask: np.ndarray | None = None,
+    n_rare: int = 0,
+) -> _Draw:
+    """Check the settings shared by both samplers, read the stream and order its tiles."""
+    _check_common(
+        window_len=window_len, bos_policy=bos_policy, max_context=max_context, max_tokens=max_tokens
+    )
+    sep = _special_id(tokenizer, separator_id, "eos_token_id", "pass separator_id")
+    bos = (
+        _special_id(tokenizer, bos_id, "bos_token_id", "use bos_policy='none' or pass bos_id")
+        if bos_policy == "prepend"
+        else None
+    )
+    rng = as_generator(seed)
+    stream = _build_stream(
+        docs,
+        tokenizer,
+        separator_id=sep,
+        max_tokens=max_tokens,
+        progress=progress,
+        rare_mask=rare_mask,
+        n_rare=n_rare,
+    )
+    tiles = _candidate_tiles(stream, window_len + 1, rng, exclude)
+    return _Draw(stream, tiles, window_len, bos_policy, bos, seed)
 
 
 def sample_windows(
@@ -455,43 +503,34 @@ def sample_windows(
     """
     if n_windows < 1:
         raise ConfigError(f"n_windows must be >= 1, got {n_windows}")
-    _check_common(
-        window_len=window_len, bos_policy=bos_policy, max_context=max_context, max_tokens=max_tokens
-    )
-    sep = _special_id(tokenizer, separator_id, "eos_token_id", "pass separator_id")
-    bos = (
-        _special_id(tokenizer, bos_id, "bos_token_id", "use bos_policy='none' or pass bos_id")
-        if bos_policy == "prepend"
-        else None
-    )
-    rng = as_generator(seed)
-    stream = _build_stream(
-        docs, tokenizer, separator_id=sep, max_tokens=max_tokens, progress=progress
-    )
-    span = window_len + 1
-    tiles = _candidate_tiles(stream, span, rng, exclude_offsets_of)
-    if tiles.size < n_windows:
-        excluded = "" if exclude_offsets_of is None else " outside the excluded sample"
-        raise InsufficientDataError(
-            f"need {n_windows} windows of {span} tokens but the corpus gave only "
-            f"{stream.tokens.size} tokens ({tiles.size} windows{excluded}); "
-            "use a larger corpus or fewer/shorter windows"
-        )
-    sample = _assemble(
-        stream,
-        tiles[:n_windows],
+    draw = _draw(
+        docs,
+        tokenizer,
         window_len=window_len,
         bos_policy=bos_policy,
-        bos_id=bos,
         seed=seed,
-        mode="windows",
+        max_context=max_context,
+        max_tokens=max_tokens,
+        exclude=exclude_offsets_of,
+        separator_id=separator_id,
+        bos_id=bos_id,
+        progress=progress,
     )
+    n_tokens, n_tiles = draw.stream.tokens.size, draw.tiles.size
+    if n_tiles < n_windows:
+        excluded = "" if exclude_offsets_of is None else " outside the excluded sample"
+        raise InsufficientDataError(
+            f"need {n_windows} windows of {draw.span} tokens but the corpus gave only "
+            f"{n_tokens} tokens ({n_tiles} windows{excluded}); "
+            "use a larger corpus or fewer/shorter windows"
+        )
+    sample = draw.take(n_windows, "windows")
     logger.info(
         "sampled %d windows of %d tokens (%d scored positions) from a %d-token stream",
         sample.n_windows,
         window_len,
         sample.n_positions,
-        stream.tokens.size,
+        n_tokens,
     )
     return sample
 
@@ -528,29 +567,23 @@ def sample_until_rare(
     """
     if n_rare < 1:
         raise ConfigError(f"n_rare must be >= 1, got {n_rare}")
-    _check_common(
-        window_len=window_len, bos_policy=bos_policy, max_context=max_context, max_tokens=max_tokens
-    )
-    sep = _special_id(tokenizer, separator_id, "eos_token_id", "pass separator_id")
-    bos = (
-        _special_id(tokenizer, bos_id, "bos_token_id", "use bos_policy='none' or pass bos_id")
-        if bos_policy == "prepend"
-        else None
-    )
     rare_vocab = split.masks()[0]
-    rng = as_generator(seed)
-    stream = _build_stream(
+    draw = _draw(
         docs,
         tokenizer,
-        separator_id=sep,
+        window_len=window_len,
+        bos_policy=bos_policy,
+        seed=seed,
+        max_context=max_context,
         max_tokens=max_tokens,
+        exclude=exclude_offsets_of,
+        separator_id=separator_id,
+        bos_id=bos_id,
         progress=progress,
         rare_mask=rare_vocab,
         n_rare=n_rare,
     )
-    span = window_len + 1
-    tiles = _candidate_tiles(stream, span, rng, exclude_offsets_of)
-    tokens = stream.tokens
+    tokens, tiles, span = draw.stream.tokens, draw.tiles, draw.span
     is_rare = np.zeros(tokens.size + 1, dtype=np.int64)
     in_vocab = tokens < rare_vocab.size
     is_rare[1:][in_vocab] = rare_vocab[tokens[in_vocab]]
@@ -565,15 +598,7 @@ def sample_until_rare(
             "the windows mode"
         )
     n_take = int(np.searchsorted(running, n_rare, side="left")) + 1
-    sample = _assemble(
-        stream,
-        tiles[:n_take],
-        window_len=window_len,
-        bos_policy=bos_policy,
-        bos_id=bos,
-        seed=seed,
-        mode="until_rare",
-    )
+    sample = draw.take(n_take, "until_rare")
     logger.info(
         "sampled %d windows holding %d rare positions (%d scored positions)",
         sample.n_windows,

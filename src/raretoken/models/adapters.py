@@ -26,7 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -160,8 +160,27 @@ def _linear_weight(module: nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
+class _ConfigSizes(NamedTuple):
+    """The sizes of :class:`ModelDims` that are read from the model config."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_positions: int | None
+
+
+def _max_positions(config: Any) -> int | None:
+    mp = getattr(config, "max_position_embeddings", None)
+    return None if mp is None else int(mp)
+
+
 class ModelAdapter(ABC):
     """Names the pieces of one architecture family (see the module docstring).
+
+    Each family's adapter names its modules in the class attributes below (dotted paths from
+    the model, or attribute names inside a block / MLP / attention module) and says how to
+    read its config sizes (:meth:`_config_sizes`); the methods that find the pieces are shared.
 
     Layer arguments are Python-style indices: ``-1`` is the final block. Weights are returned
     detached (views sharing the model's storage; do not modify them in place).
@@ -170,54 +189,95 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
 
+    # ----------------------------------------------------------------- layout (per family)
+    base_path: ClassVar[str]
+    """Path of the decoder stack without the LM head."""
+    layers_path: ClassVar[str]
+    """Path of the ``ModuleList`` holding the blocks."""
+    final_norm_path: ClassVar[str]
+    """Path of the final norm."""
+    position_embedding_path: ClassVar[str | None] = None
+    """Path of a learned absolute position embedding, if any."""
+    mlp_name: ClassVar[str] = "mlp"
+    """The MLP inside a block."""
+    mlp_out_name: ClassVar[str]
+    """The MLP output projection inside the MLP (its input is the neuron activations)."""
+    mlp_in_names: ClassVar[tuple[tuple[str, str], ...]]
+    """``(key, name)`` of the MLP input projections: ``("in", ...)`` or ``("up", ...)`` and
+    ``("gate", ...)`` for a gated MLP."""
+    attention_name: ClassVar[str]
+    """The attention module inside a block."""
+    attn_out_name: ClassVar[str]
+    """The attention output projection inside the attention module."""
+    conv1d_weights: ClassVar[bool] = False
+    """Whether projection weights are stored ``(in, out)`` (GPT-2 ``Conv1D``) rather than
+    ``(out, in)`` (``nn.Linear``)."""
+
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
 
-    # ----------------------------------------------------------------- layout (per family)
     @abstractmethod
+    def _config_sizes(self) -> _ConfigSizes:
+        """Width, head counts and context length from ``self.model.config``."""
+
+    # ----------------------------------------------------------------- pieces
     def base_model(self) -> nn.Module:
         """The decoder stack without the LM head (``transformer`` / ``gpt_neox`` / ``model``)."""
+        return _module(self.model, self.base_path)
 
-    @abstractmethod
     def layers_module(self) -> nn.ModuleList:
         """The ``ModuleList`` holding the blocks."""
+        return _module_list(self.model, self.layers_path)
 
-    @abstractmethod
     def mlp(self, layer: int) -> nn.Module:
         """The MLP module of block ``layer``."""
+        return _module(self._block(layer), self.mlp_name)
 
-    @abstractmethod
     def mlp_out_proj(self, layer: int) -> nn.Module:
         """Module whose ``input[0]`` is the neuron activations ``(..., d_mlp)`` of ``layer``."""
+        return _module(self.mlp(layer), self.mlp_out_name)
 
-    @abstractmethod
     def w_out(self, layer: int) -> torch.Tensor:
         """``(d_mlp, d_model)``: row ``i`` is the output weight vector of neuron ``i``."""
+        return self._weight(self.mlp_out_proj(layer), self.mlp_out_name).T
 
-    @abstractmethod
     def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """Input weights, each ``(d_mlp, d_model)``: ``{"in"}`` or, gated, ``{"up", "gate"}``."""
+        mlp = self.mlp(layer)
+        return {key: self._weight(_module(mlp, name), name) for key, name in self.mlp_in_names}
 
-    @abstractmethod
     def attention(self, layer: int) -> nn.Module:
         """The attention module; under eager attention its ``output[1]`` is the probabilities."""
+        return _module(self._block(layer), self.attention_name)
 
-    @abstractmethod
     def attn_out_proj(self, layer: int) -> nn.Module:
         """Module whose ``input[0]`` is the head outputs concatenated ``(..., n_heads*head_dim)``."""
+        return _module(self.attention(layer), self.attn_out_name)
 
-    @abstractmethod
     def final_norm_module(self) -> nn.Module:
         """The final norm; its ``input[0]`` is the final residual stream."""
+        return _module(self.model, self.final_norm_path)
 
-    @abstractmethod
     def position_embedding(self) -> nn.Module | None:
         """Learned absolute position embedding added before block 0 (GPT-2 ``wpe``), if any."""
+        if self.position_embedding_path is None:
+            return None
+        return _module(self.model, self.position_embedding_path)
 
     @property
-    @abstractmethod
     def dims(self) -> ModelDims:
-        """Sizes read from the modules (and the config for head counts)."""
+        """Sizes read from the modules (and the config for width, heads and context)."""
+        sizes = self._config_sizes()
+        return ModelDims(
+            n_layers=len(self.layers_module()),
+            d_model=sizes.d_model,
+            d_mlp=int(self.w_out(0).shape[0]),
+            n_heads=sizes.n_heads,
+            n_kv_heads=sizes.n_kv_heads,
+            head_dim=sizes.head_dim,
+            vocab_size=int(self.unembedding()[0].shape[0]),
+            max_positions=sizes.max_positions,
+        )
 
     # ----------------------------------------------------------------- shared
     def blocks(self) -> Sequence[nn.Module]:
@@ -234,6 +294,11 @@ class ModelAdapter(ABC):
 
     def _block(self, layer: int) -> nn.Module:
         return self.layers_module()[self.layer_index(layer)]
+
+    def _weight(self, module: nn.Module, name: str) -> torch.Tensor:
+        """The detached weight of projection ``module`` as ``(out_features, in_features)``."""
+        weight = _linear_weight(module, name).detach()
+        return weight.T if self.conv1d_weights else weight
 
     def final_norm(self) -> NormSpec:
         norm = self.final_norm_module()
@@ -269,53 +334,22 @@ class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
 
-    def base_model(self) -> nn.Module:
-        return _module(self.model, "transformer")
+    base_path = "transformer"
+    layers_path = "transformer.h"
+    final_norm_path = "transformer.ln_f"
+    position_embedding_path = "transformer.wpe"
+    mlp_out_name = "c_proj"
+    mlp_in_names = (("in", "c_fc"),)
+    attention_name = "attn"
+    attn_out_name = "c_proj"
+    # Conv1D stores its weight as (in_features, out_features): c_proj's is (d_mlp, d_model).
+    conv1d_weights = True
 
-    def layers_module(self) -> nn.ModuleList:
-        return _module_list(self.model, "transformer.h")
-
-    def mlp(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "mlp")
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.mlp(layer), "c_proj")
-
-    def w_out(self, layer: int) -> torch.Tensor:
-        # Conv1D stores its weight as (in_features, out_features) = (d_mlp, d_model).
-        return _linear_weight(self.mlp_out_proj(layer), "c_proj").detach()
-
-    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        c_fc = _module(self.mlp(layer), "c_fc")
-        return {"in": _linear_weight(c_fc, "c_fc").detach().T}
-
-    def attention(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "attn")
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.attention(layer), "c_proj")
-
-    def final_norm_module(self) -> nn.Module:
-        return _module(self.model, "transformer.ln_f")
-
-    def position_embedding(self) -> nn.Module | None:
-        return _module(self.model, "transformer.wpe")
-
-    @property
-    def dims(self) -> ModelDims:
+    def _config_sizes(self) -> _ConfigSizes:
         cfg = self.model.config
         d_model = int(cfg.n_embd)
         n_heads = int(cfg.n_head)
-        return ModelDims(
-            n_layers=len(self.layers_module()),
-            d_model=d_model,
-            d_mlp=int(self.w_out(0).shape[0]),
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=d_model // n_heads,
-            vocab_size=int(self.unembedding()[0].shape[0]),
-            max_positions=int(cfg.n_positions),
-        )
+        return _ConfigSizes(d_model, n_heads, n_heads, d_model // n_heads, int(cfg.n_positions))
 
 
 class NeoXAdapter(ModelAdapter):
@@ -328,53 +362,19 @@ class NeoXAdapter(ModelAdapter):
     family = "neox"
     model_types = ("gpt_neox",)
 
-    def base_model(self) -> nn.Module:
-        return _module(self.model, "gpt_neox")
+    base_path = "gpt_neox"
+    layers_path = "gpt_neox.layers"
+    final_norm_path = "gpt_neox.final_layer_norm"
+    mlp_out_name = "dense_4h_to_h"
+    mlp_in_names = (("in", "dense_h_to_4h"),)
+    attention_name = "attention"
+    attn_out_name = "dense"
 
-    def layers_module(self) -> nn.ModuleList:
-        return _module_list(self.model, "gpt_neox.layers")
-
-    def mlp(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "mlp")
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.mlp(layer), "dense_4h_to_h")
-
-    def w_out(self, layer: int) -> torch.Tensor:
-        return _linear_weight(self.mlp_out_proj(layer), "dense_4h_to_h").detach().T
-
-    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        fc_in = _module(self.mlp(layer), "dense_h_to_4h")
-        return {"in": _linear_weight(fc_in, "dense_h_to_4h").detach()}
-
-    def attention(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "attention")
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.attention(layer), "dense")
-
-    def final_norm_module(self) -> nn.Module:
-        return _module(self.model, "gpt_neox.final_layer_norm")
-
-    def position_embedding(self) -> nn.Module | None:
-        return None
-
-    @property
-    def dims(self) -> ModelDims:
+    def _config_sizes(self) -> _ConfigSizes:
         cfg = self.model.config
         d_model = int(cfg.hidden_size)
         n_heads = int(cfg.num_attention_heads)
-        mp = getattr(cfg, "max_position_embeddings", None)
-        return ModelDims(
-            n_layers=len(self.layers_module()),
-            d_model=d_model,
-            d_mlp=int(self.w_out(0).shape[0]),
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=d_model // n_heads,
-            vocab_size=int(self.unembedding()[0].shape[0]),
-            max_positions=None if mp is None else int(mp),
-        )
+        return _ConfigSizes(d_model, n_heads, n_heads, d_model // n_heads, _max_positions(cfg))
 
 
 class LlamaAdapter(ModelAdapter):
@@ -388,58 +388,21 @@ class LlamaAdapter(ModelAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "olmo")
 
-    def base_model(self) -> nn.Module:
-        return _module(self.model, "model")
+    base_path = "model"
+    layers_path = "model.layers"
+    final_norm_path = "model.norm"
+    mlp_out_name = "down_proj"
+    mlp_in_names = (("up", "up_proj"), ("gate", "gate_proj"))
+    attention_name = "self_attn"
+    attn_out_name = "o_proj"
 
-    def layers_module(self) -> nn.ModuleList:
-        return _module_list(self.model, "model.layers")
-
-    def mlp(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "mlp")
-
-    def mlp_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.mlp(layer), "down_proj")
-
-    def w_out(self, layer: int) -> torch.Tensor:
-        return _linear_weight(self.mlp_out_proj(layer), "down_proj").detach().T
-
-    def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        mlp = self.mlp(layer)
-        return {
-            "up": _linear_weight(_module(mlp, "up_proj"), "up_proj").detach(),
-            "gate": _linear_weight(_module(mlp, "gate_proj"), "gate_proj").detach(),
-        }
-
-    def attention(self, layer: int) -> nn.Module:
-        return _module(self._block(layer), "self_attn")
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return _module(self.attention(layer), "o_proj")
-
-    def final_norm_module(self) -> nn.Module:
-        return _module(self.model, "model.norm")
-
-    def position_embedding(self) -> nn.Module | None:
-        return None
-
-    @property
-    def dims(self) -> ModelDims:
+    def _config_sizes(self) -> _ConfigSizes:
         cfg = self.model.config
         d_model = int(cfg.hidden_size)
         n_heads = int(cfg.num_attention_heads)
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
         head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
-        mp = getattr(cfg, "max_position_embeddings", None)
-        return ModelDims(
-            n_layers=len(self.layers_module()),
-            d_model=d_model,
-            d_mlp=int(self.w_out(0).shape[0]),
-            n_heads=n_heads,
-            n_kv_heads=int(n_kv),
-            head_dim=int(head_dim),
-            vocab_size=int(self.unembedding()[0].shape[0]),
-            max_positions=None if mp is None else int(mp),
-        )
+        return _ConfigSizes(d_model, n_heads, int(n_kv), int(head_dim), _max_positions(cfg))
 
 
 _ADAPTERS: tuple[type[ModelAdapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter)

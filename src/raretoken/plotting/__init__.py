@@ -1,14 +1,16 @@
 """Figures (matplotlib, Agg canvas, no pyplot state).
 
-Exports are resolved lazily (PEP 562) so that ``import raretoken.plotting`` does not import
-matplotlib. To export a name, add it to ``_EXPORTS`` (name -> submodule) and a
-``from .module import name as name`` line to the ``TYPE_CHECKING`` block.
+Exports are resolved lazily (PEP 562, see :mod:`raretoken._lazy`) so that
+``import raretoken.plotting`` does not import matplotlib. To export a name, add it to
+``_EXPORTS`` (name -> submodule) and a ``from .module import name as name`` line to the
+``TYPE_CHECKING`` block.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from raretoken._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .rank_curve import RankCurve as RankCurve
@@ -22,15 +24,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,17 +1,33 @@
 """Statistics on neuron influence and activations.
 
-Exports are resolved lazily (PEP 562): ``import raretoken.stats`` imports no submodule, and
-``raretoken.stats.<name>`` imports the submodule that defines ``<name>`` on first access.
-To export a name, add it to ``_EXPORTS`` (name -> submodule) and a
+Exports are resolved lazily (PEP 562, see :mod:`raretoken._lazy`): ``import raretoken.stats``
+imports no submodule, and ``raretoken.stats.<name>`` imports the submodule that defines
+``<name>`` on first access. To export a name, add it to ``_EXPORTS`` (name -> submodule) and a
 ``from .module import name as name`` line to the ``TYPE_CHECKING`` block.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from raretoken._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .baselines import BaselineComparison as BaselineComparison
+    from .baselines import compare_to_random as compare_to_random
+    from .baselines import random_groups as random_groups
+    from .effective_dim import EffectiveDimension as EffectiveDimension
+    from .effective_dim import effective_dimension as effective_dimension
+    from .hill import HillFit as HillFit
+    from .hill import group_spectrum as group_spectrum
+    from .hill import hill_alpha as hill_alpha
+    from .modularity import ModularityResult as ModularityResult
+    from .modularity import louvain_modularity as louvain_modularity
+    from .modularity import mi_graph as mi_graph
+    from .modularity import modularity_q as modularity_q
+    from .mutual_info import MutualInfoMatrix as MutualInfoMatrix
+    from .mutual_info import mutual_information as mutual_information
+    from .mutual_info import mutual_information_matrix as mutual_information_matrix
     from .regimes import PiecewiseLinearFit as PiecewiseLinearFit
     from .regimes import RegimeBootstrap as RegimeBootstrap
     from .regimes import RegimeFit as RegimeFit
@@ -20,6 +36,16 @@ if TYPE_CHECKING:
     from .regimes import bootstrap_regimes as bootstrap_regimes
     from .regimes import fit_regimes as fit_regimes
     from .regimes import segmented_regression as segmented_regression
+    from .routing import GiniComparison as GiniComparison
+    from .routing import ImpactComparison as ImpactComparison
+    from .routing import ablation_impact as ablation_impact
+    from .routing import benjamini_hochberg as benjamini_hochberg
+    from .routing import causal_mask as causal_mask
+    from .routing import cohens_d as cohens_d
+    from .routing import compare_head_gini as compare_head_gini
+    from .routing import compare_impacts as compare_impacts
+    from .routing import gini as gini
+    from .routing import relative_norm_change as relative_norm_change
 
 _EXPORTS: dict[str, str] = {
     # regimes.py: three-regime rank-curve fit (paper eq. 11)
@@ -31,19 +57,39 @@ _EXPORTS: dict[str, str] = {
     "bootstrap_regimes": "regimes",
     "fit_regimes": "regimes",
     "segmented_regression": "regimes",
+    # effective_dim.py: PCA effective dimension of a neuron group (eq. 4, Table 1)
+    "EffectiveDimension": "effective_dim",
+    "effective_dimension": "effective_dim",
+    # mutual_info.py: pairwise mutual information between neurons (eq. 5)
+    "MutualInfoMatrix": "mutual_info",
+    "mutual_information_matrix": "mutual_info",
+    "mutual_information": "mutual_info",
+    # modularity.py: Louvain communities of the MI graph (eq. 6, Table 3)
+    "ModularityResult": "modularity",
+    "louvain_modularity": "modularity",
+    "mi_graph": "modularity",
+    "modularity_q": "modularity",
+    # routing.py: attention Gini, rare vs common routing, ablation impact (eq. 7-8, Table 2)
+    "gini": "routing",
+    "causal_mask": "routing",
+    "GiniComparison": "routing",
+    "compare_head_gini": "routing",
+    "ablation_impact": "routing",
+    "relative_norm_change": "routing",
+    "ImpactComparison": "routing",
+    "compare_impacts": "routing",
+    "benjamini_hochberg": "routing",
+    "cohens_d": "routing",
+    # hill.py: heavy-tailed weight spectra, Hill estimator (eq. 9-10, Figure 2)
+    "HillFit": "hill",
+    "group_spectrum": "hill",
+    "hill_alpha": "hill",
+    # baselines.py: size-matched random groups and the comparison against them
+    "BaselineComparison": "baselines",
+    "random_groups": "baselines",
+    "compare_to_random": "baselines",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -30,13 +30,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import finite_scalars_dict, nan_if_none, require_seed
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ def random_groups(
         raise ConfigError(f"group size must be >= 1, got {size}")
     if n_draws < 1:
         raise ConfigError(f"n_draws must be >= 1, got {n_draws}")
-    try:
-        rng = as_generator(seed)
-    except ValueError as err:
-        raise ConfigError("random_groups needs an explicit seed") from err
+    rng = require_seed(seed, "random_groups")
     excl = np.asarray(exclude, dtype=np.int64).ravel()
     avail = pool[~np.isin(pool, excl)].astype(np.int64)
     if avail.size < size:
@@ -97,10 +94,6 @@ def random_groups(
         out[i] = np.sort(avail[rng.choice(avail.size, size=size, replace=False)])
     logger.debug("drew %d random groups of %d from %d neurons", n_draws, size, avail.size)
     return out
-
-
-def _f(v: float) -> float | None:
-    return None if not math.isfinite(v) else float(v)
 
 
 @dataclass(frozen=True)
@@ -136,23 +129,13 @@ class BaselineComparison:
     percentile: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (_f(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return finite_scalars_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BaselineComparison:
-        def num(key: str) -> float:
-            return math.nan if d[key] is None else float(d[key])
-
-        return cls(
-            observed=num("observed"),
-            random_mean=num("random_mean"),
-            random_sd=num("random_sd"),
-            n_draws=int(d["n_draws"]),
-            p_value=num("p_value"),
-            alternative=str(d["alternative"]),
-            z_score=num("z_score"),
-            percentile=num("percentile"),
-        )
+        floats = ("observed", "random_mean", "random_sd", "p_value", "z_score", "percentile")
+        kw: dict[str, Any] = {name: nan_if_none(d[name]) for name in floats}
+        return cls(n_draws=int(d["n_draws"]), alternative=str(d["alternative"]), **kw)
 
 
 def compare_to_random(

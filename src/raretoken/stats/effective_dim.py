@@ -36,18 +36,13 @@ from typing import Any
 import numpy as np
 
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import frozen
 
 logger = logging.getLogger(__name__)
 
 _REL_TOL = 1e-12
 
 __all__ = ["EffectiveDimension", "effective_dimension"]
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,7 +100,7 @@ class EffectiveDimension:
             d_eff=int(d["d_eff"]),
             group_size=int(d["group_size"]),
             ratio=float(d["ratio"]),
-            explained_variance_ratio=_frozen(
+            explained_variance_ratio=frozen(
                 np.asarray(d["explained_variance_ratio"], dtype=np.float64)
             ),
             threshold=float(d["threshold"]),
@@ -188,7 +183,7 @@ def effective_dimension(
         d_eff=d_eff,
         group_size=p,
         ratio=d_eff / p,
-        explained_variance_ratio=_frozen(evr),
+        explained_variance_ratio=frozen(evr),
         threshold=float(threshold),
         n_samples=n,
         centered=bool(center),

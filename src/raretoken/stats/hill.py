@@ -62,6 +62,7 @@ import numpy as np
 from scipy.stats import gaussian_kde
 
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import frozen
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ Density = Literal["kde", "histogram"]
 __all__ = ["HillFit", "group_spectrum", "hill_alpha"]
 
 _KDE_GRID = 1024
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,7 +144,7 @@ class HillFit:
             density=None if d["density"] is None else str(d["density"]),
             fallback=bool(d["fallback"]),
             n_eigenvalues=int(d["n_eigenvalues"]),
-            eigenvalues=_frozen(np.asarray(d["eigenvalues"], dtype=np.float64)),
+            eigenvalues=frozen(np.asarray(d["eigenvalues"], dtype=np.float64)),
         )
 
 
@@ -285,5 +280,5 @@ def hill_alpha(
         density=dens,
         fallback=fallback,
         n_eigenvalues=n,
-        eigenvalues=_frozen(desc),
+        eigenvalues=frozen(desc),
     )

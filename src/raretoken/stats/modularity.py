@@ -37,8 +37,8 @@ from typing import Any, Literal
 import networkx as nx
 import numpy as np
 
-from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import frozen, require_seed
 from raretoken.stats.mutual_info import MutualInfoMatrix
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ logger = logging.getLogger(__name__)
 Sparsify = Literal["none", "knn", "threshold"]
 
 __all__ = ["ModularityResult", "louvain_modularity", "mi_graph", "modularity_q"]
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,9 +121,9 @@ class ModularityResult:
             q=float(d["q"]),
             n_communities=int(d["n_communities"]),
             mean_community_size=float(d["mean_community_size"]),
-            neuron_ids=_frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
-            labels=_frozen(np.asarray(d["labels"], dtype=np.int64)),
-            community_sizes=_frozen(np.asarray(d["community_sizes"], dtype=np.int64)),
+            neuron_ids=frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
+            labels=frozen(np.asarray(d["labels"], dtype=np.int64)),
+            community_sizes=frozen(np.asarray(d["community_sizes"], dtype=np.int64)),
             n_edges=int(d["n_edges"]),
             total_weight=float(d["total_weight"]),
             sparsify=str(d["sparsify"]),
@@ -279,10 +273,7 @@ def louvain_modularity(
         raise ConfigError(f"n_restarts must be >= 1, got {n_restarts}")
     if not (math.isfinite(resolution) and resolution > 0.0):
         raise ConfigError(f"resolution must be a positive number, got {resolution}")
-    try:
-        rng = as_generator(seed)
-    except ValueError as err:
-        raise ConfigError("louvain_modularity needs an explicit seed") from err
+    rng = require_seed(seed, "louvain_modularity")
     w, ids = _weights_and_ids(mi, neuron_ids)
     w = _sparsified(w, sparsify, knn_k, threshold)
     p = w.shape[0]
@@ -308,9 +299,9 @@ def louvain_modularity(
         q=q,
         n_communities=n_comm,
         mean_community_size=p / n_comm,
-        neuron_ids=_frozen(ids),
-        labels=_frozen(labels),
-        community_sizes=_frozen(sizes),
+        neuron_ids=frozen(ids),
+        labels=frozen(labels),
+        community_sizes=frozen(sizes),
         n_edges=int(g.number_of_edges()),
         total_weight=float(np.triu(w, k=1).sum()),
         sparsify=sparsify,

@@ -61,8 +61,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
-from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import from_nan_list, frozen, nan_list, require_seed
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +79,6 @@ __all__ = [
 
 # Largest number of int64 cells materialised at once when counting joint histograms.
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
-
-
-def _nan_list(a: np.ndarray) -> list[Any]:
-    if a.ndim > 1:
-        return [_nan_list(row) for row in a]
-    return [None if not math.isfinite(v) else float(v) for v in a.tolist()]
-
-
-def _from_nan_list(v: Sequence[Any]) -> np.ndarray:
-    def conv(x: Any) -> Any:
-        if isinstance(x, list):
-            return [conv(y) for y in x]
-        return math.nan if x is None else float(x)
-
-    return np.asarray(conv(list(v)), dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,8 +128,8 @@ class MutualInfoMatrix:
     def to_dict(self) -> dict[str, Any]:
         return {
             "neuron_ids": self.neuron_ids.tolist(),
-            "mi": _nan_list(self.mi),
-            "entropy": _nan_list(self.entropy),
+            "mi": nan_list(self.mi),
+            "entropy": nan_list(self.entropy),
             "method": self.method,
             "bins": self.bins,
             "k": self.k,
@@ -161,9 +140,9 @@ class MutualInfoMatrix:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MutualInfoMatrix:
         return cls(
-            neuron_ids=_frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
-            mi=_frozen(_from_nan_list(d["mi"])),
-            entropy=_frozen(_from_nan_list(d["entropy"])),
+            neuron_ids=frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
+            mi=frozen(from_nan_list(d["mi"])),
+            entropy=frozen(from_nan_list(d["entropy"])),
             method=str(d["method"]),
             bins=None if d["bins"] is None else int(d["bins"]),
             k=None if d["k"] is None else int(d["k"]),
@@ -359,9 +338,9 @@ def mutual_information_matrix(
         mi, ent = _binned_matrix(codes, b, bias_correction)
         logger.debug("binned MI matrix: %d neurons, %d samples, %d bins", p, n, b)
         return MutualInfoMatrix(
-            neuron_ids=_frozen(ids),
-            mi=_frozen(mi),
-            entropy=_frozen(ent),
+            neuron_ids=frozen(ids),
+            mi=frozen(mi),
+            entropy=frozen(ent),
             method="binned",
             bins=b,
             k=None,
@@ -371,10 +350,7 @@ def mutual_information_matrix(
     if method == "ksg":
         if not 1 <= k < n:
             raise ConfigError(f"k must be in [1, n_samples), got {k}")
-        try:
-            rng = as_generator(seed)
-        except ValueError as err:
-            raise ConfigError("method='ksg' needs an explicit seed") from err
+        rng = require_seed(seed, "method='ksg'")
         u = _copula(a, rng)
         mi = np.full((p, p), np.nan)
         for i in range(p - 1):
@@ -382,9 +358,9 @@ def mutual_information_matrix(
                 mi[i, j] = mi[j, i] = _ksg_pair(u[:, i], u[:, j], k)
         logger.debug("KSG MI matrix: %d neurons, %d samples, k=%d", p, n, k)
         return MutualInfoMatrix(
-            neuron_ids=_frozen(ids),
-            mi=_frozen(mi),
-            entropy=_frozen(np.full(p, np.nan)),
+            neuron_ids=frozen(ids),
+            mi=frozen(mi),
+            entropy=frozen(np.full(p, np.nan)),
             method="ksg",
             bins=None,
             k=int(k),

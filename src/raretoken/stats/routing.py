@@ -52,14 +52,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from scipy import stats
 
-from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.stats._common import (
+    finite_or_none,
+    finite_scalars_dict,
+    from_nan_list,
+    frozen,
+    nan_if_none,
+    nan_list,
+    require_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +85,6 @@ __all__ = [
     "gini",
     "relative_norm_change",
 ]
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
-
-
-def _f(v: float) -> float | None:
-    return None if not math.isfinite(v) else float(v)
-
-
-def _nan_list(a: np.ndarray) -> list[float | None]:
-    return [_f(v) for v in a.tolist()]
-
-
-def _from_opt(v: float | None) -> float:
-    return math.nan if v is None else float(v)
-
-
-def _arr(v: Sequence[float | None]) -> np.ndarray:
-    return _frozen(np.asarray([_from_opt(x) for x in v], dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,23 +306,23 @@ class GiniComparison:
             "variant": self.variant,
         }
         for name in self._ARRAYS:
-            d[name] = _nan_list(getattr(self, name))
+            d[name] = nan_list(getattr(self, name))
         for name in self._SCALARS:
-            d[name] = _f(getattr(self, name))
+            d[name] = finite_or_none(getattr(self, name))
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GiniComparison:
         kw: dict[str, Any] = {
-            "heads": _frozen(np.asarray(d["heads"], dtype=np.int64).reshape(-1, 2)),
-            "n_rare": _frozen(np.asarray(d["n_rare"], dtype=np.int64)),
-            "n_common": _frozen(np.asarray(d["n_common"], dtype=np.int64)),
+            "heads": frozen(np.asarray(d["heads"], dtype=np.int64).reshape(-1, 2)),
+            "n_rare": frozen(np.asarray(d["n_rare"], dtype=np.int64)),
+            "n_common": frozen(np.asarray(d["n_common"], dtype=np.int64)),
             "variant": str(d["variant"]),
         }
         for name in cls._ARRAYS:
-            kw[name] = _arr(d[name])
+            kw[name] = frozen(from_nan_list(d[name]))
         for name in cls._SCALARS:
-            kw[name] = _from_opt(d[name])
+            kw[name] = nan_if_none(d[name])
         return cls(**kw)
 
 
@@ -424,10 +410,10 @@ def compare_head_gini(
         pt, pp = float(paired.statistic), float(paired.pvalue)
     logger.debug("Gini rare %.3f vs common %.3f over %d heads", mr.mean(), mc.mean(), n_heads)
     return GiniComparison(
-        heads=_frozen(h),
-        n_rare=_frozen(np.asarray(n_r, dtype=np.int64)),
-        n_common=_frozen(np.asarray(n_c, dtype=np.int64)),
-        **{k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in cols.items()},
+        heads=frozen(h),
+        n_rare=frozen(np.asarray(n_r, dtype=np.int64)),
+        n_common=frozen(np.asarray(n_c, dtype=np.int64)),
+        **{k: frozen(np.asarray(v, dtype=np.float64)) for k, v in cols.items()},
         spearman_rho=rho,
         spearman_p=rho_p,
         grand_mean_rare=float(mr.mean()),
@@ -515,7 +501,7 @@ class ImpactComparison:
     paired: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (_f(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return finite_scalars_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ImpactComparison:
@@ -523,7 +509,7 @@ class ImpactComparison:
         floats = (*floats, "t", "p_t", "p_permutation", "cohens_d")
         kw: dict[str, Any] = dict(d)
         for name in floats:
-            kw[name] = _from_opt(d[name])
+            kw[name] = nan_if_none(d[name])
         return cls(**kw)
 
 
@@ -589,10 +575,7 @@ def compare_impacts(
         raise ConfigError(f"paired samples differ in size: {x.size} vs {y.size}")
     if n_permutations < 1:
         raise ConfigError(f"n_permutations must be >= 1, got {n_permutations}")
-    try:
-        rng = as_generator(seed)
-    except ValueError as err:
-        raise ConfigError("compare_impacts needs an explicit seed") from err
+    rng = require_seed(seed, "compare_impacts")
     with np.errstate(divide="ignore", invalid="ignore"):
         if paired:
             d = x - y

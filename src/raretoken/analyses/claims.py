@@ -1,0 +1,276 @@
+"""The paper's four organisational claims, judged on one run's analyses.
+
+One row per claim, with what this run found, the p-value of the deciding test and a plain
+verdict. Verdict rules (``α = 0.05`` by default):
+
+* **Coordination** (§4.2, Table 1: rare-token neurons have a lower ``d_eff / N`` than
+  random) and **heavier tails** (§4.5, Figure 2: lower ``α_Hill`` than random) are
+  *difference* claims, tested one-sided against the random groups:
+  ``supported`` when ``p < α``; ``not supported`` when the group lies on the other side of
+  the random mean (or on it); ``inconclusive`` otherwise (right direction, not significant).
+* **No spatial clustering** (§4.3, Table 3: ``Q`` not significantly higher than random) is a
+  *null* claim: ``not supported`` when ``Q`` is significantly higher (one-sided ``p < α``),
+  else ``supported``.
+* **No dedicated routing** (§4.4, Table 2) combines two findings:
+  (a) attention concentration at rare- and common-target positions is similar — the paired
+  t-test across heads is not significant (``p >= α``) and the per-head means are strongly
+  rank-correlated (Spearman ``ρ >= min_rho``, 0.5 by default, with ``p < α``);
+  (b) ablating a whole layer changes the group's activations more than even the most
+  influential single head of that layer (paired ``p < α``, layer larger).
+  ``supported`` when (a) and (b) hold; ``not supported`` when the Gini differs
+  significantly with a weak correlation (``ρ < min_rho``), or when the largest single head
+  matches or exceeds the whole layer; ``inconclusive`` otherwise. The comparison of heads
+  chosen by influence with random heads is reported in the finding but does not enter the
+  verdict (the paper reports them "statistically comparable", but some heads mattering more
+  than others is expected under either hypothesis). The p-value column holds the paired
+  Gini test.
+
+With fewer than ``1/α - 1`` random groups no empirical p-value can fall below ``α``; such
+rows are ``inconclusive`` whatever the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raretoken.stats.baselines import BaselineComparison
+
+from ._tables import markdown_table, opt_float, write_csv
+from .coordination import CoordinationResult
+from .routing import RoutingResult
+from .spatial import SpatialResult
+from .spectra import SpectraResult
+
+SUPPORTED = "supported"
+NOT_SUPPORTED = "not supported"
+INCONCLUSIVE = "inconclusive"
+
+__all__ = [
+    "INCONCLUSIVE",
+    "NOT_SUPPORTED",
+    "SUPPORTED",
+    "Claim",
+    "ClaimsTable",
+    "evaluate_claims",
+]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper and this run's verdict on it."""
+
+    key: str
+    claim: str
+    prediction: str
+    finding: str
+    test: str
+    p_value: float | None
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "claim": self.claim,
+            "prediction": self.prediction,
+            "finding": self.finding,
+            "test": self.test,
+            "p_value": opt_float(self.p_value),
+            "verdict": self.verdict,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Claim:
+        p = d.get("p_value")
+        return cls(
+            key=str(d["key"]),
+            claim=str(d["claim"]),
+            prediction=str(d["prediction"]),
+            finding=str(d["finding"]),
+            test=str(d["test"]),
+            p_value=None if p is None else float(p),
+            verdict=str(d["verdict"]),
+        )
+
+
+@dataclass(frozen=True)
+class ClaimsTable:
+    """The four claims (rows) with the group they were judged on."""
+
+    claims: tuple[Claim, ...]
+    group_name: str
+    group_note: str
+    alpha: float
+
+    def verdict(self, key: str) -> str:
+        for c in self.claims:
+            if c.key == key:
+                return c.verdict
+        raise KeyError(key)
+
+    def to_table(self) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in self.claims]
+
+    def to_markdown(self) -> str:
+        note = f" ({self.group_note})" if self.group_note else ""
+        head = (
+            "## The paper's claims on this run\n\n"
+            f"Group analysed: {self.group_name}{note}. Verdicts at α = {self.alpha:g}; "
+            "the rules are in raretoken.analyses.claims.\n\n"
+        )
+        cols = ["claim", "prediction", "finding", "test", "p_value", "verdict"]
+        return head + markdown_table(self.to_table(), cols)
+
+    def to_csv(self, path: Path | str) -> None:
+        write_csv(path, self.to_table())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "claims": [c.to_dict() for c in self.claims],
+            "group_name": self.group_name,
+            "group_note": self.group_note,
+            "alpha": self.alpha,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClaimsTable:
+        return cls(
+            claims=tuple(Claim.from_dict(c) for c in d["claims"]),
+            group_name=str(d["group_name"]),
+            group_note=str(d["group_note"]),
+            alpha=float(d["alpha"]),
+        )
+
+
+def _resolvable(cmp: BaselineComparison, alpha: float) -> bool:
+    return 1.0 / (cmp.n_draws + 1.0) < alpha
+
+
+def _difference_verdict(cmp: BaselineComparison, alpha: float) -> str:
+    if not _resolvable(cmp, alpha):
+        return INCONCLUSIVE
+    if cmp.p_value < alpha:
+        return SUPPORTED
+    wrong = (
+        cmp.observed >= cmp.random_mean
+        if cmp.alternative == "less"
+        else (cmp.observed <= cmp.random_mean)
+    )
+    return NOT_SUPPORTED if wrong else INCONCLUSIVE
+
+
+def _vs(cmp: BaselineComparison, digits: int = 3) -> str:
+    return (
+        f"{cmp.observed:.{digits}g} vs random {cmp.random_mean:.{digits}g} ± "
+        f"{cmp.random_sd:.{digits}g} (n={cmp.n_draws}, z={cmp.z_score:+.2f})"
+    )
+
+
+def _coordination(res: CoordinationResult, alpha: float) -> Claim:
+    c = res.comparison
+    return Claim(
+        key="coordination",
+        claim="Rare-token neurons activate in a coordinated way (§4.2, Table 1)",
+        prediction="d_eff/N lower than size-matched random groups",
+        finding=f"d_eff/N {_vs(c)}",
+        test="empirical p, random groups, one-sided (less)",
+        p_value=c.p_value,
+        verdict=_difference_verdict(c, alpha),
+    )
+
+
+def _spatial(res: SpatialResult, alpha: float) -> Claim:
+    q, s = res.q_comparison, res.size_comparison
+    if not _resolvable(q, alpha):
+        verdict = INCONCLUSIVE
+    else:
+        verdict = NOT_SUPPORTED if q.p_value < alpha else SUPPORTED
+    return Claim(
+        key="spatial",
+        claim="Rare-token neurons are distributed, not clustered into modules (§4.3, Table 3)",
+        prediction="Louvain modularity Q not significantly higher than random groups",
+        finding=(f"Q {_vs(q)}; mean community size {s.observed:.3g} vs random {s.random_mean:.3g}"),
+        test="empirical p, random groups, one-sided (greater)",
+        p_value=q.p_value,
+        verdict=verdict,
+    )
+
+
+def _routing(res: RoutingResult | None, alpha: float, min_rho: float) -> Claim:
+    claim = "Rare tokens reach the neurons through standard attention, no dedicated routing (§4.4)"
+    prediction = (
+        "similar attention Gini for rare and common targets with high Spearman ρ across heads; "
+        "single-head ablations weaker than whole-layer ablations"
+    )
+    test = "paired t-test across heads (Gini rare vs common)"
+    if res is None:
+        return Claim("routing", claim, prediction, "not run (no model)", test, None, INCONCLUSIVE)
+    g, t, s = res.gini, res.top_vs_random, res.single_vs_layer
+    p_g, rho, p_rho = g.paired_p, g.spearman_rho, g.spearman_p
+    finite = math.isfinite(p_g) and math.isfinite(rho) and math.isfinite(p_rho)
+    similar = finite and p_g >= alpha and rho >= min_rho and p_rho < alpha
+    differs = finite and p_g < alpha and rho < min_rho
+    layer_wins = s.mean_difference < 0 and s.p_permutation < alpha
+    single_wins = s.mean_difference >= 0
+    if similar and layer_wins:
+        verdict = SUPPORTED
+    elif differs or single_wins:
+        verdict = NOT_SUPPORTED
+    else:
+        verdict = INCONCLUSIVE
+    finding = (
+        f"Gini rare {g.grand_mean_rare:.3f} ± {g.grand_sd_rare:.3f} vs common "
+        f"{g.grand_mean_common:.3f} ± {g.grand_sd_common:.3f} over {g.n_heads} heads, "
+        f"Spearman ρ={rho:.2f} (p={p_rho:.2g}), {res.n_heads_differing(alpha)} head(s) differ "
+        f"(BH q<{alpha:g}); impact: heads chosen by influence {t.mean_a:.3f} vs random "
+        f"{t.mean_b:.3f} (p={t.p_permutation:.2g}), largest single head {s.mean_a:.3f} vs whole "
+        f"layer {s.mean_b:.3f} (p={s.p_permutation:.2g}), whole-layer norm change "
+        f"{float(res.layer_signed.mean()):+.0%}"
+    )
+    return Claim("routing", claim, prediction, finding, test, p_g, verdict)
+
+
+def _spectra(res: SpectraResult, alpha: float) -> Claim:
+    c = res.comparison
+    return Claim(
+        key="spectra",
+        claim="Rare-token neurons have heavier-tailed weight spectra (§4.5, Figure 2)",
+        prediction="α_Hill (eq. 10) lower than size-matched random groups",
+        finding=(
+            f"α_Hill {_vs(c)} ({res.weights} weights; α_pdf = 1 + α_Hill = "
+            f"{res.observed.alpha_pdf:.3g})"
+        ),
+        test="empirical p, random groups, one-sided (less)",
+        p_value=c.p_value,
+        verdict=_difference_verdict(c, alpha),
+    )
+
+
+def evaluate_claims(
+    coordination: CoordinationResult,
+    spatial: SpatialResult,
+    routing: RoutingResult | None,
+    spectra: SpectraResult,
+    *,
+    group_note: str = "",
+    alpha: float = 0.05,
+    min_rho: float = 0.5,
+) -> ClaimsTable:
+    """Judge the four claims (see the module docstring for the rules).
+
+    ``routing=None`` (no model available) makes the routing row ``inconclusive``.
+    """
+    return ClaimsTable(
+        claims=(
+            _coordination(coordination, alpha),
+            _spatial(spatial, alpha),
+            _routing(routing, alpha, min_rho),
+            _spectra(spectra, alpha),
+        ),
+        group_name=coordination.group_name,
+        group_note=group_note,
+        alpha=float(alpha),
+    )

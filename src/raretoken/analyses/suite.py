@@ -1,0 +1,344 @@
+"""Run the four organisational analyses on an identification and write their outputs.
+
+>>> from raretoken.run import identify, make_config                       # doctest: +SKIP
+>>> from raretoken.analyses import run_analyses, write_analyses           # doctest: +SKIP
+>>> ident = identify(make_config(preset="demo"), "raretoken-runs/demo")   # doctest: +SKIP
+>>> suite = run_analyses(ident, n_random=100, seed=0)                     # doctest: +SKIP
+>>> print(suite.claims.to_markdown())                                     # doctest: +SKIP
+>>> write_analyses(suite, ident.run_dir)                                  # doctest: +SKIP
+
+:func:`run_analyses` picks the group (:func:`~raretoken.analyses.groups.plateau_group`: the
+plateau neurons, or the top-k neurons by Δloss when the fit found no plateau — recorded in
+the group and shown in every report), runs coordination, spatial organisation, routing (needs
+the model; loaded lazily) and weight spectra on the identification's rare/common split with
+:func:`~raretoken.analyses.robustness.analyses_for_split`, and judges the paper's claims
+(:func:`~raretoken.analyses.claims.evaluate_claims`). Optionally it adds the robustness
+sweep over percentiles and group definitions.
+
+:func:`write_analyses` writes ``analyses/*.md|csv|json`` and ``figures/*.png|svg`` into a
+run directory (atomically) and returns ``{relative path: description}`` for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raretoken.errors import ConfigError, InsufficientDataError
+from raretoken.run.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+from ._tables import jsonable, write_csv
+from .claims import ClaimsTable, evaluate_claims
+from .coordination import CoordinationResult
+from .groups import NeuronGroup, plateau_group
+from .robustness import (
+    DEFAULT_DEFINITIONS,
+    DEFAULT_PERCENTILES,
+    RobustnessTable,
+    SplitAnalyses,
+    analyses_for_split,
+    robustness_table,
+)
+from .routing import RoutingContext, RoutingResult
+from .spatial import SpatialResult
+from .spectra import SpectraResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from raretoken.run.identification import Identification
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AnalysisSuite", "run_analyses", "write_analyses"]
+
+
+@dataclass(frozen=True, eq=False)
+class AnalysisSuite:
+    """The analyses of one run and the verdicts on the paper's claims.
+
+    Attributes
+    ----------
+    main:
+        Coordination, spatial, spectra and routing results on the identification's split.
+    claims:
+        One row per claim.
+    n_random, seed:
+        Random groups per baseline and the seed of every random choice.
+    settings:
+        Options used (positions, weights, ...).
+    robustness:
+        The percentile / group-definition sweep, if run.
+    seconds:
+        Wall time per step (not part of any table).
+    """
+
+    main: SplitAnalyses
+    claims: ClaimsTable
+    n_random: int
+    seed: int
+    settings: Mapping[str, Any]
+    robustness: RobustnessTable | None = None
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def group(self) -> NeuronGroup:
+        return self.main.group
+
+    @property
+    def coordination(self) -> CoordinationResult:
+        if self.main.coordination is None:
+            raise InsufficientDataError("the coordination analysis was not computed")
+        return self.main.coordination
+
+    @property
+    def spatial(self) -> SpatialResult:
+        if self.main.spatial is None:
+            raise InsufficientDataError("the spatial analysis was not computed")
+        return self.main.spatial
+
+    @property
+    def spectra(self) -> SpectraResult:
+        if self.main.spectra is None:
+            raise InsufficientDataError("the spectral analysis was not computed")
+        return self.main.spectra
+
+    @property
+    def routing(self) -> RoutingResult | None:
+        return self.main.routing
+
+    # ------------------------------------------------------------------ reports
+    def to_markdown(self) -> str:
+        """Every table of the run in one Markdown document."""
+        g = self.group
+        intro = (
+            "# Organisational analyses of the rare-token neurons\n\n"
+            f"Group: **{g.name}** ({g.size} neurons of the final MLP layer"
+            + (f"; {g.note}" if g.note else "")
+            + f"). Rare/common targets: {self.main.n_rare_positions} / "
+            f"{self.main.n_common_positions} scored positions. Baselines: {self.n_random} "
+            f"size-matched random groups from the same layer without the group, seed "
+            f"{self.seed}.\n\n"
+        )
+        parts = [intro, self.claims.to_markdown(), "\n", self.coordination.to_markdown(), "\n"]
+        parts += [self.spatial.to_markdown(), "\n"]
+        if self.routing is not None:
+            parts += [self.routing.to_markdown(), "\n"]
+        parts.append(self.spectra.to_markdown())
+        if self.robustness is not None:
+            parts += ["\n", self.robustness.to_markdown()]
+        return "".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "main": self.main.to_dict(),
+            "claims": self.claims.to_dict(),
+            "n_random": self.n_random,
+            "seed": self.seed,
+            "settings": jsonable(dict(self.settings)),
+            "robustness": None if self.robustness is None else self.robustness.to_dict(),
+            "seconds": dict(self.seconds),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AnalysisSuite:
+        rob = d.get("robustness")
+        return cls(
+            main=SplitAnalyses.from_dict(d["main"]),
+            claims=ClaimsTable.from_dict(d["claims"]),
+            n_random=int(d["n_random"]),
+            seed=int(d["seed"]),
+            settings=dict(d.get("settings", {})),
+            robustness=None if rob is None else RobustnessTable.from_dict(rob),
+            seconds={str(k): float(v) for k, v in d.get("seconds", {}).items()},
+        )
+
+
+def run_analyses(
+    ident: Identification,
+    *,
+    n_random: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    routing: bool = True,
+    weight_name: str = "out",
+    coordination_positions: str = "all",
+    impact_positions: str = "all",
+    fallback_k: int | None = None,
+    robustness: bool = False,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    definitions: Sequence[str] = DEFAULT_DEFINITIONS,
+) -> AnalysisSuite:
+    """Run the four analyses and judge the paper's claims.
+
+    Parameters
+    ----------
+    ident:
+        Result of :func:`raretoken.run.identify`.
+    n_random:
+        Size-matched random groups per baseline (default ``ident.config.n_random_groups``).
+    seed:
+        Seed of every random choice (default ``ident.config.seed``).
+    progress:
+        Progress bars for the model runs and the sweep.
+    routing:
+        Run the attention-routing analysis (re-runs the last two blocks of the model).
+    weight_name:
+        Weights of the spectral analysis: ``"out"`` (default), ``"in"``, ``"up"``, ``"gate"``.
+    coordination_positions:
+        ``"all"`` scored positions (default) or ``"rare"`` ones for ``d_eff`` and MI.
+    impact_positions:
+        ``"all"`` (default) or ``"rare"`` positions for the head-ablation impact.
+    fallback_k:
+        Size of the top-k group used when no plateau was found (default
+        :func:`~raretoken.analyses.groups.default_topk`).
+    robustness:
+        Also run the sweep over ``percentiles`` × ``definitions``.
+    """
+    n_rand = int(ident.config.n_random_groups if n_random is None else n_random)
+    sd = int(ident.config.seed if seed is None else seed)
+    if n_rand < 2:
+        raise ConfigError(f"n_random must be >= 2 for a random baseline, got {n_rand}")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    group = plateau_group(ident, fallback_k=fallback_k)
+    ctx = RoutingContext.from_identification(ident, progress=progress) if routing else None
+    main = analyses_for_split(
+        ident,
+        ident.rare_positions,
+        ident.common_positions,
+        group,
+        n_random=n_rand,
+        seed=sd,
+        weight_name=weight_name,
+        routing=ctx,
+        coordination_positions=coordination_positions,
+        impact_positions=impact_positions,
+        label=group.name,
+        percentile=float(ident.config.percentile),
+    )
+    seconds.update(main.seconds)
+    claims = evaluate_claims(
+        main.coordination,  # type: ignore[arg-type]  # strict: never None
+        main.spatial,  # type: ignore[arg-type]
+        main.routing,
+        main.spectra,  # type: ignore[arg-type]
+        group_note=group.note,
+    )
+    rob = None
+    if robustness:
+        t = time.perf_counter()
+        rob = robustness_table(
+            ident,
+            n_random=n_rand,
+            seed=sd,
+            percentiles=percentiles,
+            definitions=definitions,
+            k=fallback_k,
+            routing=ctx if ctx is not None else False,
+            weight_name=weight_name,
+            coordination_positions=coordination_positions,
+            impact_positions=impact_positions,
+            progress=progress,
+        )
+        seconds["robustness"] = round(time.perf_counter() - t, 3)
+    seconds["total"] = round(time.perf_counter() - t0, 3)
+    logger.info("analyses finished in %.1f s", seconds["total"])
+    return AnalysisSuite(
+        main=main,
+        claims=claims,
+        n_random=n_rand,
+        seed=sd,
+        settings={
+            "routing": routing,
+            "weight_name": weight_name,
+            "coordination_positions": coordination_positions,
+            "impact_positions": impact_positions,
+            "fallback_k": fallback_k,
+            "percentile": float(ident.config.percentile),
+        },
+        robustness=rob,
+        seconds=seconds,
+    )
+
+
+def _write_figure(run_dir: Path, stem: str, fig: Figure) -> list[str]:
+    from raretoken.plotting.analyses import figure_bytes
+
+    rels = []
+    for fmt in ("png", "svg"):
+        rel = f"figures/{stem}.{fmt}"
+        atomic_write_bytes(run_dir / rel, figure_bytes(fig, fmt))
+        rels.append(rel)
+    return rels
+
+
+def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
+    """Write the tables and figures of ``suite`` into ``run_dir``.
+
+    Returns
+    -------
+    dict
+        Relative path -> one-line description of every file written.
+    """
+    from raretoken.plotting.analyses import new_figure
+
+    out = Path(run_dir)
+    written: dict[str, str] = {}
+
+    def text(rel: str, content: str, about: str) -> None:
+        atomic_write_text(out / rel, content)
+        written[rel] = about
+
+    def table(stem: str, res: Any, about: str) -> None:
+        text(f"analyses/{stem}.md", res.to_markdown(), f"{about} (Markdown)")
+        res.to_csv(out / f"analyses/{stem}.csv")
+        written[f"analyses/{stem}.csv"] = f"{about} (CSV)"
+
+    def figure(stem: str, fig: Figure, about: str) -> None:
+        for rel in _write_figure(out, stem, fig):
+            written[rel] = about
+
+    g = suite.group.name
+    text("analyses/report.md", suite.to_markdown(), "all analysis tables and claim verdicts")
+    table("claims", suite.claims, "the paper's four claims with this run's verdicts")
+    table("coordination", suite.coordination, f"Table 1: d_eff/N of the {g} vs random groups")
+    table("spatial", suite.spatial, f"Table 3: Louvain modularity of the {g} vs random groups")
+    table("spectra", suite.spectra, f"Figure 2 data: α_Hill of the {g} vs random groups")
+
+    fig, axes = new_figure(2)
+    suite.coordination.plot(axes[0])
+    suite.coordination.plot_baseline(axes[1])
+    figure("coordination", fig, "cumulative explained variance and d_eff/N vs random groups")
+    fig, axes = new_figure(2)
+    suite.spatial.plot(axes[0])
+    suite.spatial.plot_mi(axes[1])
+    figure("spatial", fig, "modularity vs random groups and the group's MI matrix")
+    fig, axes = new_figure(2)
+    suite.spectra.plot(axes[0])
+    suite.spectra.plot_alpha(axes[1])
+    figure("spectra", fig, "Figure 2: eigenvalue density with Hill tail fit, α vs random")
+
+    routing = suite.routing
+    if routing is not None:
+        table("routing", routing, "Table 2: attention Gini rare vs common, head ablation impacts")
+        write_csv(out / "analyses/routing_heads.csv", routing.head_table())
+        written["analyses/routing_heads.csv"] = "per head: Gini rare/common, ablation impact"
+        fig, axes = new_figure(2, width=6.0)
+        routing.plot(axes[0])
+        routing.plot_impacts(axes[1])
+        figure("routing", fig, "per-head Gini rare vs common and head/layer ablation impacts")
+    if suite.robustness is not None:
+        table("robustness", suite.robustness, "analyses across percentiles and group definitions")
+        fig, axes = new_figure(1, width=6.0)
+        suite.robustness.plot(axes[0])
+        figure("robustness", fig, "z-scores vs random groups across percentiles")
+
+    atomic_write_json(out / "analyses/analyses.json", jsonable(suite.to_dict()))
+    written["analyses/analyses.json"] = "every analysis result (JSON, AnalysisSuite.from_dict)"
+    return written
