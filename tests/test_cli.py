@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,75 @@ def test_run_prints_summary(
     assert main(_args(model_dir, corpus, root, "ok")) == 0
     out = capsys.readouterr().out
     assert "rare-token neuron identification" in out
-    assert (root / "ok" / "summary.md").exists()
+    assert (root / "ok" / "summary.md").read_text() == out
+    # the analyses ran as a stage: verdicts in the summary, files in the manifest
+    assert "Organisation of the rare-token neurons" in out
+    for claim in ("coordinated", "clustered", "routing", "heavier-tailed"):
+        assert claim.lower() in out.lower(), claim
+    manifest = json.loads((root / "ok" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    stage = manifest["stages"]["analyses"]
+    assert stage["cached"] is False and stage["options"]["n_random"] == 5
+    outputs = {o["path"] for o in manifest["outputs"].values()}
+    for rel in ("analyses/claims.md", "analyses/report.md", "analyses/routing.csv",
+                "figures/spectra.png", "summary.md", "neurons.parquet"):  # fmt: skip
+        assert rel in outputs and (root / "ok" / rel).stat().st_size > 0, rel
+    assert "analyses/robustness.md" not in outputs
+
+
+def test_rerun_takes_the_analyses_from_the_cache(
+    setup: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, model_dir, corpus = setup
+    assert main(_args(model_dir, corpus, root, "cached")) == 0
+    first = capsys.readouterr().out
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("the analyses should come from the cache")
+
+    monkeypatch.setattr("raretoken.analyses.run_analyses", boom)
+    assert main(_args(model_dir, corpus, root, "cached")) == 0
+    assert capsys.readouterr().out == first
+    manifest = json.loads((root / "cached" / "manifest.json").read_text())
+    assert manifest["stages"]["analyses"]["cached"] is True
+
+
+def test_analyze_an_existing_run_directory(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, model_dir, corpus = setup
+    run_dir = root / "later"
+    assert main([*_args(model_dir, corpus, root, "later"), "--skip-analyses"]) == 0
+    out = capsys.readouterr().out
+    assert "Organisation" not in out and not (run_dir / "analyses").exists()
+    argv = ["analyze", str(run_dir), "--no-progress", "--cache-dir", str(root / "cache"),
+            "--robustness", "--percentiles", "10,30", "--no-routing", "--n-random", "6"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Organisation of the rare-token neurons" in out
+    robust = (run_dir / "analyses" / "robustness.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in robust[1:]} == {
+        "p10/plateau", "p10/topk", "p30/plateau", "p30/topk"
+    }  # fmt: skip
+    assert not (run_dir / "analyses" / "routing.md").exists()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    opts = manifest["stages"]["analyses"]["options"]
+    assert opts["n_random"] == 6 and opts["robustness"] and not opts["routing"]
+    assert "analyses/robustness.md" in {o["path"] for o in manifest["outputs"].values()}
+
+
+def test_analyze_needs_a_run_directory(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _, _ = setup
+    (root / "not-a-run").mkdir()
+    _one_line_error(capsys, main(["analyze", str(root / "not-a-run")]), "not a raretoken run")
+    old = root / "old-run"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"schema_version": 0, "config": {}}))
+    _one_line_error(capsys, main(["analyze", str(old)]), "older raretoken")
 
 
 @pytest.mark.parametrize(

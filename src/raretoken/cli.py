@@ -12,8 +12,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RareTokenError
+
+if TYPE_CHECKING:
+    from .run import AnalysisOptions
 
 log = logging.getLogger("raretoken")
 
@@ -68,6 +72,78 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from exc
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_analysis_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("analyses (§4.2–4.5)")
+    g.add_argument(
+        "--robustness",
+        action="store_true",
+        help="also rerun every analysis across rare percentiles and group definitions",
+    )
+    g.add_argument(
+        "--percentiles",
+        type=_floats,
+        default=(5.0, 10.0, 15.0, 20.0, 25.0),
+        help="percentiles of the robustness sweep (comma-separated; default 5,10,15,20,25)",
+    )
+    g.add_argument(
+        "--definitions",
+        type=_words,
+        default=("plateau", "topk"),
+        help="group definitions of the robustness sweep (default plateau,topk)",
+    )
+    g.add_argument(
+        "--no-routing", action="store_true", help="skip attention routing (needs the model)"
+    )
+    g.add_argument(
+        "--weights",
+        default="out",
+        choices=("out", "in", "up", "gate"),
+        help="final-MLP weights of the spectral analysis (default out: the neurons' w_out rows)",
+    )
+    g.add_argument(
+        "--coordination-positions",
+        default="all",
+        choices=("all", "rare"),
+        help="positions whose activations enter d_eff and MI (default all scored positions)",
+    )
+    g.add_argument(
+        "--impact-positions",
+        default="all",
+        choices=("all", "rare"),
+        help="positions over which head-ablation impact is measured (default all)",
+    )
+    g.add_argument(
+        "--topk", type=int, default=None, help="group size when no plateau is found (top-k)"
+    )
+
+
+def _analysis_options(args: argparse.Namespace, **extra: object) -> AnalysisOptions:
+    from .run import AnalysisOptions
+
+    return AnalysisOptions(
+        routing=not args.no_routing,
+        weight_name=args.weights,
+        coordination_positions=args.coordination_positions,
+        impact_positions=args.impact_positions,
+        fallback_k=args.topk,
+        robustness=args.robustness,
+        percentiles=args.percentiles,
+        definitions=args.definitions,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raretoken",
@@ -76,8 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="identify rare-token neurons (and run the analyses)")
+    run = sub.add_parser("run", help="identify rare-token neurons and run the analyses")
     _add_run_args(run)
+    run.add_argument(
+        "--skip-analyses", action="store_true", help="identification only (no §4.2–4.5 analyses)"
+    )
+    _add_analysis_args(run)
+    ana = sub.add_parser("analyze", help="run the analyses on an existing run directory")
+    ana.add_argument("run_dir", type=Path, help="directory written by `raretoken run`")
+    ana.add_argument("--n-random", type=int, help="random groups per baseline (default: the run's)")
+    ana.add_argument("--seed", type=int, help="seed of the random groups (default: the run's)")
+    ana.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/raretoken)")
+    ana.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    ana.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_analysis_args(ana)
     return parser
 
 
@@ -96,8 +184,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if not args.skip_analyses:
+        from .run import analyze
+
+        analyze(
+            res,
+            _analysis_options(args),
+            cache_dir=args.cache_dir,
+            no_cache=args.no_cache,
+            progress=not args.no_progress,
+        )
     log.info("run directory: %s", res.run_dir)
     sys.stdout.write((res.run_dir / "summary.md").read_text())
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .run import analyze_run_dir
+
+    analyze_run_dir(
+        args.run_dir,
+        _analysis_options(args, n_random=args.n_random, seed=args.seed),
+        cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write((args.run_dir / "summary.md").read_text())
     return 0
 
 
@@ -111,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
     except RareTokenError as exc:
         if args.debug:
             raise

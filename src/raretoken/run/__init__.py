@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from .analysis_stage import AnalysisOptions, analyze, analyze_run_dir
 from .config import PRESETS, RunConfig, make_config
 from .identification import Identification, NeuronTable, identify
 
-__all__ = ["PRESETS", "Identification", "NeuronTable", "RunConfig", "identify", "make_config"]
+__all__ = [
+    "PRESETS",
+    "AnalysisOptions",
+    "Identification",
+    "NeuronTable",
+    "RunConfig",
+    "analyze",
+    "analyze_run_dir",
+    "identify",
+    "make_config",
+]

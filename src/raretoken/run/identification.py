@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,8 @@ class Identification:
     block_input: np.ndarray | None
     delta: np.ndarray
     stages: Stages
+    #: Cache keys of the stages and the ablation settings: what the analyses' key builds on.
+    keys: dict[str, object] = field(default_factory=dict)
 
     @property
     def plateau_neurons(self) -> np.ndarray:
@@ -165,6 +167,14 @@ def identify(
         block_input=cap.block_input,
         delta=delta,
         stages=st,
+        keys={
+            "counts": st.counts_key(),
+            "sample": sample_key,
+            "capture": cap_key,
+            "reference": ref_cap_key,
+            "method": cfg.method,
+            "tol": cfg.tol,
+        },
     )
     write_identification(result, run)
     run.set("identity", {"model": st.model_id, "corpus": st.context_corpus_id,

@@ -1,0 +1,224 @@
+"""The analyses as a stage of a run: cached, recorded in the manifest, summarised.
+
+>>> from raretoken.run import AnalysisOptions, analyze, identify, make_config  # doctest: +SKIP
+>>> ident = identify(make_config(), "raretoken-runs/demo")                     # doctest: +SKIP
+>>> suite = analyze(ident, AnalysisOptions(robustness=True))                   # doctest: +SKIP
+
+:func:`analyze` runs :func:`raretoken.analyses.run_analyses` on an identification (or takes
+the result from the cache), writes the tables and figures into the identification's run
+directory, records them in its manifest with the analysis settings, and adds the verdicts on
+the paper's claims to ``summary.md``. :func:`analyze_run_dir` does the same for an existing
+run directory: it rebuilds the configuration from the manifest and reruns identification,
+which the cache makes cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RunDirectoryError
+from .cache import ArrayCache, atomic_write_text, cache_key, default_cache_dir
+from .manifest import MANIFEST, RunDirectory
+from .outputs import identification_summary
+
+if TYPE_CHECKING:
+    from ..analyses import AnalysisSuite
+    from .identification import Identification
+
+log = logging.getLogger(__name__)
+
+#: Bump when the analyses change what they compute: cached suites with an older value are
+#: recomputed.
+ANALYSES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Settings of the analysis stage (``None``: take it from the run's configuration).
+
+    See :func:`raretoken.analyses.run_analyses` for each.
+    """
+
+    n_random: int | None = None
+    seed: int | None = None
+    routing: bool = True
+    weight_name: str = "out"
+    coordination_positions: str = "all"
+    impact_positions: str = "all"
+    fallback_k: int | None = None
+    robustness: bool = False
+    percentiles: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0)
+    definitions: tuple[str, ...] = ("plateau", "topk")
+
+    def resolved(self, ident: Identification) -> AnalysisOptions:
+        cfg = ident.config
+        return AnalysisOptions(
+            **{
+                **asdict(self),
+                "n_random": cfg.n_random_groups if self.n_random is None else self.n_random,
+                "seed": cfg.seed if self.seed is None else self.seed,
+                "percentiles": tuple(float(p) for p in self.percentiles),
+                "definitions": tuple(self.definitions),
+            }
+        )
+
+
+def analyses_key(ident: Identification, opts: AnalysisOptions) -> str:
+    """Cache key of the analyses: the identification's inputs and the analysis settings."""
+    return cache_key(
+        "analyses",
+        {
+            "version": ANALYSES_VERSION,
+            "identification": ident.keys,
+            "percentile": ident.config.percentile,
+            "options": asdict(opts),
+        },
+    )
+
+
+def _load_cached(cache: ArrayCache, key: str) -> AnalysisSuite | None:
+    from ..analyses import AnalysisSuite
+
+    path = cache.path("analyses", key)
+    if path is None:
+        return None
+    path = path.with_suffix(".json")
+    if not path.exists():
+        return None
+    try:
+        return AnalysisSuite.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable cached analyses %s (%s)", path, exc)
+        return None
+
+
+def _save_cached(cache: ArrayCache, key: str, suite: AnalysisSuite) -> None:
+    from ..analyses._tables import jsonable
+
+    path = cache.path("analyses", key)
+    if path is not None:
+        atomic_write_text(path.with_suffix(".json"), json.dumps(jsonable(suite.to_dict())))
+
+
+def analyze(
+    ident: Identification,
+    options: AnalysisOptions | None = None,
+    *,
+    cache_dir: Path | str | None = None,
+    no_cache: bool = False,
+    progress: bool = True,
+) -> AnalysisSuite:
+    """Run (or load from the cache) the four analyses and write them into the run directory."""
+    from ..analyses import run_analyses, write_analyses
+
+    opts = (options or AnalysisOptions()).resolved(ident)
+    cache = ArrayCache(None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir())
+    key = analyses_key(ident, opts)
+    t0 = time.perf_counter()
+    suite = _load_cached(cache, key)
+    cached = suite is not None
+    if suite is None:
+        suite = run_analyses(
+            ident,
+            n_random=opts.n_random,
+            seed=opts.seed,
+            progress=progress,
+            routing=opts.routing,
+            weight_name=opts.weight_name,
+            coordination_positions=opts.coordination_positions,
+            impact_positions=opts.impact_positions,
+            fallback_k=opts.fallback_k,
+            robustness=opts.robustness,
+            percentiles=opts.percentiles,
+            definitions=opts.definitions,
+        )
+        _save_cached(cache, key, suite)
+    else:
+        log.info("analyses: reusing the cached result")
+
+    run = RunDirectory.open(ident.run_dir, ident.config.to_dict())
+    written = write_analyses(suite, ident.run_dir)
+    outputs = run.manifest.setdefault("outputs", {})
+    for name in [n for n in outputs if n.startswith("analyses:")]:
+        del outputs[name]  # a rerun with other options may write fewer files
+    for rel, about in written.items():
+        run.record_output("analyses:" + rel, rel, about)
+    summary = identification_summary(ident) + "\n" + analyses_summary(suite)
+    atomic_write_text(ident.run_dir / "summary.md", summary)
+    run.record_stage(
+        "analyses",
+        seconds=round(time.perf_counter() - t0, 3),
+        key=key,
+        cached=cached,
+        options=asdict(opts),
+        group={"name": suite.group.name, "size": suite.group.size, "note": suite.group.note},
+    )
+    run.finish()
+    return suite
+
+
+def analyses_summary(suite: AnalysisSuite) -> str:
+    """The claim verdicts as a section of ``summary.md``."""
+    lines = [
+        "## Organisation of the rare-token neurons (§4.2–4.5)",
+        "",
+        f"Each test compares the group with {suite.n_random} size-matched random groups of the "
+        f"same layer (seed {suite.seed}).",
+        "",
+        suite.claims.to_markdown().strip(),
+        "",
+        "Tables and tests: `analyses/report.md`; figures: `figures/coordination.png`, "
+        "`figures/spatial.png`, `figures/routing.png`, `figures/spectra.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def config_of_run_dir(run_dir: Path | str) -> dict[str, Any]:
+    """The configuration recorded in a run directory's manifest."""
+    from .cache import SCHEMA_VERSION
+
+    mf = Path(run_dir) / MANIFEST
+    if not mf.exists():
+        raise RunDirectoryError(f"{run_dir} is not a raretoken run directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirectoryError(f"cannot read {mf}: {exc}") from exc
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise RunDirectoryError(
+            f"{run_dir} was written by an older raretoken (schema "
+            f"{manifest.get('schema_version')}, this one reads {SCHEMA_VERSION}); rerun "
+            "`raretoken run` with --overwrite"
+        )
+    cfg = manifest.get("config")
+    if not isinstance(cfg, dict):
+        raise RunDirectoryError(f"{mf} records no configuration")
+    return cfg
+
+
+def analyze_run_dir(
+    run_dir: Path | str,
+    options: AnalysisOptions | None = None,
+    *,
+    cache_dir: Path | str | None = None,
+    no_cache: bool = False,
+    progress: bool = True,
+) -> AnalysisSuite:
+    """Run the analyses on an existing run directory (identification comes from the cache)."""
+    from .config import RunConfig
+    from .identification import identify
+
+    try:
+        cfg = RunConfig(**config_of_run_dir(run_dir))
+    except TypeError as exc:
+        raise RunDirectoryError(
+            f"{run_dir}: its manifest's configuration is unreadable ({exc})"
+        ) from exc
+    ident = identify(cfg, run_dir, cache_dir=cache_dir, no_cache=no_cache, progress=progress)
+    return analyze(ident, options, cache_dir=cache_dir, no_cache=no_cache, progress=progress)
