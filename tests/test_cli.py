@@ -87,7 +87,8 @@ def test_analyze_an_existing_run_directory(
     out = capsys.readouterr().out
     assert "Organisation" not in out and not (run_dir / "analyses").exists()
     argv = ["analyze", str(run_dir), "--no-progress", "--cache-dir", str(root / "cache"),
-            "--robustness", "--percentiles", "10,30", "--no-routing", "--n-random", "6"]  # fmt: skip
+            "--robustness", "--percentiles", "10,30", "--no-routing", "--n-random", "6",
+            "--tau", "0.8", "--mi-bins", "3"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Organisation of the rare-token neurons" in out
@@ -99,6 +100,11 @@ def test_analyze_an_existing_run_directory(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     opts = manifest["stages"]["analyses"]["options"]
     assert opts["n_random"] == 6 and opts["robustness"] and not opts["routing"]
+    assert opts["tau"] == 0.8 and opts["mi_bins"] == 3
+    assert "τ = 0.8" in (run_dir / "analyses" / "coordination.md").read_text()
+    assert "3 equal-frequency bins" in (run_dir / "analyses" / "spatial.md").read_text()
+    for bad, needle in (("--tau=1.5", "tau"), ("--mi-bins=1", "mi_bins")):
+        _one_line_error(capsys, main([*argv, bad]), needle)
     assert "analyses/robustness.md" in {o["path"] for o in manifest["outputs"].values()}
 
 

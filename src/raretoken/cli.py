@@ -126,6 +126,18 @@ def _add_analysis_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--topk", type=int, default=None, help="group size when no plateau is found (top-k)"
     )
+    g.add_argument(
+        "--tau",
+        type=float,
+        default=0.95,
+        help="explained-variance threshold of the effective dimension d_eff (eq. 4; default 0.95)",
+    )
+    g.add_argument(
+        "--mi-bins",
+        type=int,
+        default=None,
+        help="equal-frequency bins of the mutual-information estimator (default: its rule)",
+    )
 
 
 def _analysis_options(args: argparse.Namespace, **extra: object) -> AnalysisOptions:
@@ -137,6 +149,8 @@ def _analysis_options(args: argparse.Namespace, **extra: object) -> AnalysisOpti
         coordination_positions=args.coordination_positions,
         impact_positions=args.impact_positions,
         fallback_k=args.topk,
+        tau=args.tau,
+        mi_bins=args.mi_bins,
         robustness=args.robustness,
         percentiles=args.percentiles,
         definitions=args.definitions,

@@ -181,6 +181,8 @@ def analyses_for_split(
     routing: RoutingContext | None = None,
     coordination_positions: str = "all",
     impact_positions: str = "all",
+    tau: float = 0.95,
+    mi_bins: int | None = None,
     label: str | None = None,
     percentile: float | None = None,
     strict: bool = True,
@@ -211,6 +213,11 @@ def analyses_for_split(
         ``"all"`` scored positions or ``"rare"`` ones for ``d_eff`` and MI.
     impact_positions:
         ``"all"`` or ``"rare"`` positions for the ablation impact.
+    tau:
+        Explained-variance threshold ``τ`` of ``d_eff`` (eq. 4).
+    mi_bins:
+        Equal-frequency bins of the MI estimator (default: its rule,
+        :func:`~raretoken.stats.mutual_info.default_bins`).
     label, percentile:
         Row label and percentile recorded in the result.
     strict:
@@ -248,7 +255,12 @@ def analyses_for_split(
     coord = attempt(
         "coordination",
         lambda: coordination_analysis(
-            rows, group.neuron_ids, rgroups, group_name=group.name, positions=coordination_positions
+            rows,
+            group.neuron_ids,
+            rgroups,
+            group_name=group.name,
+            threshold=tau,
+            positions=coordination_positions,
         ),
     )
     spat = attempt(
@@ -259,6 +271,7 @@ def analyses_for_split(
             rgroups,
             seed=np.random.default_rng(ss_spatial),
             group_name=group.name,
+            bins=mi_bins,
         ),
     )
 
@@ -386,6 +399,8 @@ def robustness_table(
     weight_name: str = "out",
     coordination_positions: str = "all",
     impact_positions: str = "all",
+    tau: float = 0.95,
+    mi_bins: int | None = None,
     progress: bool = True,
 ) -> RobustnessTable:
     """Rerun the analyses across rare-token percentiles and group definitions.
@@ -406,7 +421,7 @@ def robustness_table(
         ``True``: build a :class:`RoutingContext` from ``ident`` (model runs are shared by
         all rows; ablations are rerun only for new groups); ``False``: skip routing; or a
         context to reuse.
-    weight_name, coordination_positions, impact_positions:
+    weight_name, coordination_positions, impact_positions, tau, mi_bins:
         As in :func:`analyses_for_split`.
     progress:
         Show a progress bar over the rows.
@@ -452,6 +467,8 @@ def robustness_table(
                 routing=ctx,
                 coordination_positions=coordination_positions,
                 impact_positions=impact_positions,
+                tau=tau,
+                mi_bins=mi_bins,
                 label=label,
                 percentile=pct,
                 strict=False,

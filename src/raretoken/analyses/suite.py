@@ -22,6 +22,7 @@ run directory (atomically) and returns ``{relative path: description}`` for the 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,8 @@ def run_analyses(
     coordination_positions: str = "all",
     impact_positions: str = "all",
     fallback_k: int | None = None,
+    tau: float = 0.95,
+    mi_bins: int | None = None,
     robustness: bool = False,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     definitions: Sequence[str] = DEFAULT_DEFINITIONS,
@@ -197,6 +200,10 @@ def run_analyses(
     fallback_k:
         Size of the top-k group used when no plateau was found (default
         :func:`~raretoken.analyses.groups.default_topk`).
+    tau:
+        Explained-variance threshold ``τ`` of ``d_eff`` (eq. 4; default 0.95).
+    mi_bins:
+        Bins of the MI estimator (default: its rule, see :mod:`raretoken.analyses.spatial`).
     robustness:
         Also run the sweep over ``percentiles`` × ``definitions``.
     """
@@ -204,6 +211,10 @@ def run_analyses(
     sd = int(ident.config.seed if seed is None else seed)
     if n_rand < 2:
         raise ConfigError(f"n_random must be >= 2 for a random baseline, got {n_rand}")
+    if not (math.isfinite(tau) and 0.0 < tau <= 1.0):
+        raise ConfigError(f"tau (the d_eff variance threshold) must be in (0, 1], got {tau}")
+    if mi_bins is not None and mi_bins < 2:
+        raise ConfigError(f"mi_bins must be >= 2, got {mi_bins}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     group = plateau_group(ident, fallback_k=fallback_k)
@@ -219,6 +230,8 @@ def run_analyses(
         routing=ctx,
         coordination_positions=coordination_positions,
         impact_positions=impact_positions,
+        tau=tau,
+        mi_bins=mi_bins,
         label=group.name,
         percentile=float(ident.config.percentile),
     )
@@ -244,6 +257,8 @@ def run_analyses(
             weight_name=weight_name,
             coordination_positions=coordination_positions,
             impact_positions=impact_positions,
+            tau=tau,
+            mi_bins=mi_bins,
             progress=progress,
         )
         seconds["robustness"] = round(time.perf_counter() - t, 3)
@@ -260,6 +275,8 @@ def run_analyses(
             "coordination_positions": coordination_positions,
             "impact_positions": impact_positions,
             "fallback_k": fallback_k,
+            "tau": tau,
+            "mi_bins": mi_bins,
             "percentile": float(ident.config.percentile),
         },
         robustness=rob,

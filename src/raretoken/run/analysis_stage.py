@@ -51,6 +51,8 @@ class AnalysisOptions:
     coordination_positions: str = "all"
     impact_positions: str = "all"
     fallback_k: int | None = None
+    tau: float = 0.95
+    mi_bins: int | None = None
     robustness: bool = False
     percentiles: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0)
     definitions: tuple[str, ...] = ("plateau", "topk")
@@ -133,6 +135,8 @@ def analyze(
             coordination_positions=opts.coordination_positions,
             impact_positions=opts.impact_positions,
             fallback_k=opts.fallback_k,
+            tau=opts.tau,
+            mi_bins=opts.mi_bins,
             robustness=opts.robustness,
             percentiles=opts.percentiles,
             definitions=opts.definitions,
