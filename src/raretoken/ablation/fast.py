@@ -221,7 +221,7 @@ def _chunk(
 
     # Error bound over the tail: Cauchy-Schwarz / Hölder for the mixed terms left out
     # (A B² h'u'² of order 3 and all mixed terms of order 4), Lagrange's remainder of the
-    # fourth-order polynomial with Minkowski on E|y|^5 (E|u'|^5 <= max|u'| E u'^4).
+    # fourth-order polynomial with Minkowski on E|y|^5 (E|u'|^5 <= max|u'| E u'^4, likewise h').
     aa, ab = a.abs(), b.abs()
     dropped = (
         4 * aa * ab**3 * h4.pow(0.25) * u4.pow(0.75)
