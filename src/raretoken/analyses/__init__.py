@@ -1,5 +1,16 @@
 """The four organisational analyses of the rare-token neurons (paper §3.2, §4.2–4.5).
 
+One module per analysis, each a pure function to a frozen result that owns its plots:
+
+* ``coordination.py`` — effective dimension d_eff (eq. 4, Table 1);
+* ``spatial.py`` — mutual-information graph and Louvain modularity (eq. 5–6, Table 3);
+* ``routing.py`` — attention Gini and head-ablation impact statistics (eq. 7–8, Table 2),
+  on the model re-runs of ``routing_runs.py``;
+* ``spectra.py`` — Hill α of the weight spectra with the fix-finger x_min (eq. 9–10, Fig. 2);
+* ``groups.py`` (plateau, top-k and random groups), ``robustness.py`` (all analyses for one
+  split, and the percentile × definition sweep), ``claims.py`` (verdicts on the paper's
+  claims), ``suite.py`` (everything in one call, written into a run directory).
+
 Exports are resolved lazily (PEP 562): ``import raretoken.analyses`` imports no submodule
 (and no torch / matplotlib), and ``raretoken.analyses.<name>`` imports the submodule that
 defines ``<name>`` on first access. To export a name, add it to ``_EXPORTS`` (name ->
@@ -28,13 +39,13 @@ if TYPE_CHECKING:
     from .robustness import SplitAnalyses as SplitAnalyses
     from .robustness import analyses_for_split as analyses_for_split
     from .robustness import robustness_table as robustness_table
-    from .routing import HeadAblation as HeadAblation
-    from .routing import HeadGini as HeadGini
-    from .routing import RoutingContext as RoutingContext
     from .routing import RoutingResult as RoutingResult
-    from .routing import attention_gini as attention_gini
-    from .routing import head_ablation as head_ablation
     from .routing import routing_analysis as routing_analysis
+    from .routing_runs import HeadAblation as HeadAblation
+    from .routing_runs import HeadGini as HeadGini
+    from .routing_runs import RoutingContext as RoutingContext
+    from .routing_runs import attention_gini as attention_gini
+    from .routing_runs import head_ablation as head_ablation
     from .spatial import SpatialResult as SpatialResult
     from .spatial import spatial_analysis as spatial_analysis
     from .spectra import SpectraResult as SpectraResult
@@ -61,12 +72,12 @@ _EXPORTS: dict[str, str] = {
     "SplitAnalyses": "robustness",
     "analyses_for_split": "robustness",
     "robustness_table": "robustness",
-    "HeadAblation": "routing",
-    "HeadGini": "routing",
-    "RoutingContext": "routing",
+    "HeadAblation": "routing_runs",
+    "HeadGini": "routing_runs",
+    "RoutingContext": "routing_runs",
     "RoutingResult": "routing",
-    "attention_gini": "routing",
-    "head_ablation": "routing",
+    "attention_gini": "routing_runs",
+    "head_ablation": "routing_runs",
     "routing_analysis": "routing",
     "SpatialResult": "spatial",
     "spatial_analysis": "spatial",

@@ -1,0 +1,441 @@
+"""Model re-runs behind the attention-routing analysis (paper §3.2, §4.4): attention
+patterns and head ablations of the last two blocks.
+
+The blocks are re-run from the residual stream entering block ``L-2`` captured during
+identification (``ident.block_input``) with :func:`raretoken.models.tail.run_from_layer`.
+
+* :func:`attention_gini` → :class:`HeadGini`: the Gini coefficient (eq. 7) of every head's
+  attention row at every scored query position.
+* :func:`head_ablation` → :class:`HeadAblation`: the group's final-layer activations with each
+  single head, and each whole layer's heads, zeroed (eq. 8 follows from its norms).
+* :class:`RoutingContext`: the model pieces and captured inputs, shared by every group and
+  robustness row so the patterns are computed once.
+
+The statistics on these arrays are in :mod:`raretoken.analyses.routing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.models.adapters import ModelAdapter
+from raretoken.models.hooks import ablate_heads, attention_patterns, capture_input
+from raretoken.models.tail import run_from_layer
+from raretoken.stats.routing import (
+    GiniVariant,
+    causal_mask,
+    gini,
+)
+
+from ._tables import frozen
+from .groups import check_group
+
+if TYPE_CHECKING:
+    from raretoken.run.identification import Identification
+
+logger = logging.getLogger(__name__)
+
+ALL_HEADS = -1
+
+__all__ = [
+    "ALL_HEADS",
+    "HeadAblation",
+    "HeadGini",
+    "RoutingContext",
+    "attention_gini",
+    "head_ablation",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the tail of the model
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_start(adapter: ModelAdapter, start_layer: int | None) -> int:
+    n = adapter.dims.n_layers
+    return max(0, n - 2) if start_layer is None else adapter.layer_index(start_layer)
+
+
+def _check_inputs(
+    adapter: ModelAdapter, block_input: np.ndarray | None, target_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    if block_input is None:
+        raise InsufficientDataError(
+            "no residual stream of the last blocks was captured (block_input is None); "
+            "rerun identification to capture it"
+        )
+    bi = np.asarray(block_input)
+    mask = np.asarray(target_mask, dtype=bool)
+    d_model = adapter.dims.d_model
+    if bi.ndim != 3 or bi.shape[2] != d_model:
+        raise ConfigError(f"block_input must be (n_windows, seq_len, {d_model}), got {bi.shape}")
+    if mask.shape != (bi.shape[0], bi.shape[1] - 1):
+        raise ConfigError(
+            f"target_mask has shape {mask.shape}, expected {(bi.shape[0], bi.shape[1] - 1)} "
+            "for this block_input"
+        )
+    if not mask.any():
+        raise InsufficientDataError("target_mask marks no scored position")
+    return bi, mask
+
+
+def _param(adapter: ModelAdapter) -> torch.Tensor:
+    return next(adapter.model.parameters())
+
+
+def _batches(n: int, size: int) -> list[tuple[int, int]]:
+    if size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {size}")
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _group_acts(
+    adapter: ModelAdapter,
+    block_input: np.ndarray,
+    mask: np.ndarray,
+    start: int,
+    group: np.ndarray,
+    *,
+    batch_size: int,
+    ablate: tuple[int, list[int]] | None,
+) -> np.ndarray:
+    """``(n_scored, |G|)`` float64 final-layer activations of ``group`` after re-running."""
+    p = _param(adapter)
+    proj = adapter.mlp_out_proj(-1)
+    cols = torch.as_tensor(group, dtype=torch.long, device=p.device)
+    out: list[np.ndarray] = []
+    for b0, b1 in _batches(block_input.shape[0], batch_size):
+        h = torch.as_tensor(block_input[b0:b1]).to(device=p.device, dtype=p.dtype)
+        m = torch.as_tensor(mask[b0:b1], device=p.device)
+        with contextlib.ExitStack() as stack:
+            got = stack.enter_context(capture_input(proj))
+            if ablate is not None:
+                stack.enter_context(ablate_heads(adapter, ablate[0], ablate[1]))
+            with torch.no_grad():
+                run_from_layer(adapter, h, start)
+        acts = got[-1][:, :-1][m].index_select(-1, cols)
+        out.append(acts.double().cpu().numpy())
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention Gini per head and position
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class HeadGini:
+    """Attention Gini of every head of the re-run blocks at every scored position.
+
+    Attributes
+    ----------
+    heads:
+        ``(n_heads_total, 2)`` ``(layer, head)`` (non-negative layer index), axis 0 of
+        :attr:`gini`.
+    gini:
+        ``(n_heads_total, n_scored)`` Gini of the attention row of each scored query position
+        (axis 1: rows of ``ident.acts``); NaN where undefined (fewer than 2 visible keys).
+    variant:
+        Gini variant (see :func:`raretoken.stats.routing.gini`).
+    """
+
+    heads: np.ndarray
+    gini: np.ndarray
+    variant: str
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.gini.shape[1])
+
+
+def attention_gini(
+    adapter: ModelAdapter,
+    block_input: np.ndarray,
+    target_mask: np.ndarray,
+    *,
+    start_layer: int | None = None,
+    batch_size: int = 4,
+    variant: GiniVariant = "standard",
+) -> HeadGini:
+    """Gini of each head's attention row at each scored position (see module docstring).
+
+    Parameters
+    ----------
+    adapter:
+        Adapter of the model (eval mode).
+    block_input:
+        ``(n_windows, seq_len, d_model)`` residual stream entering block ``start_layer``.
+    target_mask:
+        ``(n_windows, seq_len - 1)`` scored positions (``ContextSample.target_mask``); the
+        query of scored position ``(w, j)`` is input position ``j`` of window ``w``.
+    start_layer:
+        First re-run block (default ``max(0, n_layers - 2)``); every re-run block is analysed.
+    batch_size:
+        Windows per forward pass.
+    variant:
+        Gini variant.
+    """
+    bi, mask = _check_inputs(adapter, block_input, target_mask)
+    start = _default_start(adapter, start_layer)
+    layers = list(range(start, adapter.dims.n_layers))
+    n_heads = adapter.dims.n_heads
+    p = _param(adapter)
+    seq = bi.shape[1]
+    causal = causal_mask(seq)
+    parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for b0, b1 in _batches(bi.shape[0], batch_size):
+        h = torch.as_tensor(bi[b0:b1]).to(device=p.device, dtype=p.dtype)
+        with attention_patterns(adapter, layers) as pats, torch.no_grad():
+            run_from_layer(adapter, h, start)
+        m = mask[b0:b1]
+        for layer in layers:
+            probs = pats[layer][-1].double().cpu().numpy()  # (b, H, S, S)
+            if probs.shape[1] != n_heads or probs.shape[-1] != seq:
+                raise NumericalError(
+                    f"attention of layer {layer} has shape {probs.shape}, expected "
+                    f"(batch, {n_heads}, {seq}, {seq})"
+                )
+            g = gini(probs, mask=causal, variant=variant)[:, :, :-1]  # (b, H, S-1)
+            parts[layer].append(np.moveaxis(g, 1, 0)[:, m])  # (H, n_scored_in_batch)
+    heads = np.asarray([(layer, hh) for layer in layers for hh in range(n_heads)], dtype=np.int64)
+    values = np.concatenate([np.concatenate(parts[layer], axis=1) for layer in layers], axis=0)
+    return HeadGini(heads=frozen(heads), gini=frozen(values), variant=str(variant))
+
+
+# ---------------------------------------------------------------------------------------------
+# Head ablation
+# ---------------------------------------------------------------------------------------------
+
+
+def _subset(positions: np.ndarray | None, n: int) -> np.ndarray:
+    if positions is None:
+        return np.arange(n)
+    idx = np.asarray(positions, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ConfigError(f"positions must index the {n} scored positions")
+    return idx
+
+
+@dataclass(frozen=True, eq=False)
+class HeadAblation:
+    """The group's activations under head ablations, as per-position squared norms.
+
+    Attributes
+    ----------
+    neuron_ids:
+        The group (columns whose activations are measured).
+    ablations:
+        ``(n_ablations, 2)`` ``(layer, head)``; ``head == -1`` (:data:`ALL_HEADS`) means all
+        heads of the layer zeroed at once. Axis 0 of :attr:`diff_sq` / :attr:`abl_sq`.
+    window:
+        ``(n_scored,)`` window of each scored position (axis 1 of the arrays below).
+    base_sq:
+        ``||a_base[p]||²`` per scored position ``p`` (over the group's neurons).
+    diff_sq:
+        ``||a_base[p] - a_abl[p]||²`` per ablation and position.
+    abl_sq:
+        ``||a_abl[p]||²`` per ablation and position.
+    baseline_max_abs_diff:
+        Largest absolute difference between the re-run baseline and reference activations
+        (e.g. ``ident.acts``), or ``None`` when none were given: a wiring check.
+    """
+
+    neuron_ids: np.ndarray
+    ablations: np.ndarray
+    window: np.ndarray
+    base_sq: np.ndarray
+    diff_sq: np.ndarray
+    abl_sq: np.ndarray
+    baseline_max_abs_diff: float | None = None
+
+    @property
+    def single(self) -> np.ndarray:
+        """Indices (into :attr:`ablations`) of the single-head ablations."""
+        return np.flatnonzero(self.ablations[:, 1] != ALL_HEADS)
+
+    @property
+    def whole_layer(self) -> np.ndarray:
+        """Indices (into :attr:`ablations`) of the whole-layer ablations."""
+        return np.flatnonzero(self.ablations[:, 1] == ALL_HEADS)
+
+    def _den(self, idx: np.ndarray) -> float:
+        den = float(self.base_sq[idx].sum())
+        if not den > 0.0:
+            raise NumericalError(
+                "the group's baseline activations are zero at the chosen positions; "
+                "the ablation impact is undefined"
+            )
+        return den
+
+    def impacts(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """Eq. 8 per ablation over ``positions`` (default: all scored positions)."""
+        idx = _subset(positions, self.base_sq.size)
+        return np.sqrt(self.diff_sq[:, idx].sum(axis=1) / self._den(idx))
+
+    def signed_changes(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """``||a_abl|| / ||a_base|| - 1`` per ablation over ``positions``."""
+        idx = _subset(positions, self.base_sq.size)
+        return np.sqrt(self.abl_sq[:, idx].sum(axis=1) / self._den(idx)) - 1.0
+
+    def window_impacts(
+        self, windows: np.ndarray, positions: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(n_ablations, len(windows))`` eq. 8 per window (NaN: no or zero baseline)."""
+        idx = _subset(positions, self.base_sq.size)
+        out = np.full((self.ablations.shape[0], len(windows)), np.nan)
+        for j, w in enumerate(np.asarray(windows)):
+            sel = idx[self.window[idx] == w]
+            den = float(self.base_sq[sel].sum())
+            if sel.size and den > 0.0:
+                out[:, j] = np.sqrt(self.diff_sq[:, sel].sum(axis=1) / den)
+        return out
+
+
+def head_ablation(
+    adapter: ModelAdapter,
+    block_input: np.ndarray,
+    target_mask: np.ndarray,
+    group: np.ndarray,
+    *,
+    start_layer: int | None = None,
+    batch_size: int = 4,
+    reference_acts: np.ndarray | None = None,
+    progress: bool = False,
+) -> HeadAblation:
+    """Ablate every single head and every whole layer of the re-run blocks (eq. 8 inputs).
+
+    Parameters
+    ----------
+    adapter, block_input, target_mask, start_layer, batch_size:
+        As in :func:`attention_gini`.
+    group:
+        Neuron ids of the final layer whose activations are measured.
+    reference_acts:
+        Optional ``(n_scored, |group|)`` activations from the full forward (e.g.
+        ``ident.acts[:, group]``) to check the re-run baseline against.
+    progress:
+        Show a progress bar.
+    """
+    bi, mask = _check_inputs(adapter, block_input, target_mask)
+    ids = check_group(group, adapter.dims.d_mlp)
+    start = _default_start(adapter, start_layer)
+    layers = list(range(start, adapter.dims.n_layers))
+    n_heads = adapter.dims.n_heads
+    abls = [(layer, h) for layer in layers for h in range(n_heads)]
+    abls += [(layer, ALL_HEADS) for layer in layers]
+
+    def run(ablate: tuple[int, list[int]] | None) -> np.ndarray:
+        return _group_acts(adapter, bi, mask, start, ids, batch_size=batch_size, ablate=ablate)
+
+    base = run(None)
+    dev: float | None = None
+    if reference_acts is not None:
+        ref = np.asarray(reference_acts, dtype=np.float64)
+        if ref.shape != base.shape:
+            raise ConfigError(f"reference_acts has shape {ref.shape}, expected {base.shape}")
+        dev = float(np.max(np.abs(base - ref))) if base.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        if dev > 1e-2 * max(scale, 1e-12):
+            logger.warning(
+                "re-run baseline differs from the captured activations by up to %.3g "
+                "(activation scale %.3g)", dev, scale,
+            )  # fmt: skip
+    diff_sq = np.empty((len(abls), base.shape[0]))
+    abl_sq = np.empty((len(abls), base.shape[0]))
+    for i, (layer, h) in enumerate(tqdm(abls, desc="head ablations", disable=not progress)):
+        heads = list(range(n_heads)) if h == ALL_HEADS else [h]
+        a = run((layer, heads))
+        diff_sq[i] = np.sum((base - a) ** 2, axis=1)
+        abl_sq[i] = np.sum(a * a, axis=1)
+    window = np.nonzero(mask)[0]
+    return HeadAblation(
+        neuron_ids=frozen(ids),
+        ablations=frozen(np.asarray(abls, dtype=np.int64)),
+        window=frozen(window.astype(np.int64)),
+        base_sq=frozen(np.sum(base * base, axis=1)),
+        diff_sq=frozen(diff_sq),
+        abl_sq=frozen(abl_sq),
+        baseline_max_abs_diff=dev,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model context (caches the model runs across groups and splits)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RoutingContext:
+    """What the routing analysis needs from the model, with the model runs cached.
+
+    The Gini array does not depend on the group or the rare/common split, and head ablations
+    depend only on the group: :meth:`gini` and :meth:`ablation` compute each once.
+    """
+
+    adapter: ModelAdapter
+    block_input: np.ndarray
+    target_mask: np.ndarray
+    start_layer: int | None = None
+    batch_size: int = 4
+    reference_acts: np.ndarray | None = None
+    progress: bool = False
+    _gini: dict[str, HeadGini] = field(default_factory=dict, repr=False)
+    _ablations: dict[tuple[int, ...], HeadAblation] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_identification(
+        cls, ident: Identification, *, progress: bool = False
+    ) -> RoutingContext:
+        """Context for an identification run (loads the model if needed)."""
+        if ident.block_input is None:
+            raise InsufficientDataError(
+                "the identification has no captured residual stream of the last blocks "
+                "(block_input); rerun identification to capture it"
+            )
+        lm = ident.stages.loaded
+        return cls(
+            adapter=lm.adapter,
+            block_input=ident.block_input,
+            target_mask=ident.sample.target_mask,
+            batch_size=int(ident.config.batch_size),
+            reference_acts=ident.acts,
+            progress=progress,
+        )
+
+    def gini(self, variant: GiniVariant = "standard") -> HeadGini:
+        if variant not in self._gini:
+            self._gini[variant] = attention_gini(
+                self.adapter,
+                self.block_input,
+                self.target_mask,
+                start_layer=self.start_layer,
+                batch_size=self.batch_size,
+                variant=variant,
+            )
+        return self._gini[variant]
+
+    def ablation(self, group: np.ndarray) -> HeadAblation:
+        ids = check_group(group, self.adapter.dims.d_mlp)
+        key = tuple(int(i) for i in ids)
+        if key not in self._ablations:
+            ref = None if self.reference_acts is None else self.reference_acts[:, ids]
+            self._ablations[key] = head_ablation(
+                self.adapter,
+                self.block_input,
+                self.target_mask,
+                ids,
+                start_layer=self.start_layer,
+                batch_size=self.batch_size,
+                reference_acts=ref,
+                progress=self.progress,
+            )
+        return self._ablations[key]
