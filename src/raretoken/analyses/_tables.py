@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from raretoken.run.cache import atomic_write_text
+from raretoken.stats._common import finite_or_none as opt_float
+from raretoken.stats._common import from_nan_list, frozen, nan_list
 
 __all__ = [
     "csv_text",
@@ -27,45 +29,6 @@ __all__ = [
     "opt_float",
     "write_csv",
 ]
-
-
-def frozen(a: np.ndarray | Sequence[Any], dtype: Any = None) -> np.ndarray:
-    """A read-only copy of ``a``."""
-    out = np.array(a, dtype=dtype, copy=True)
-    out.flags.writeable = False
-    return out
-
-
-def opt_float(v: float | None) -> float | None:
-    """``None`` for NaN/inf (JSON has no NaN), else ``float(v)``."""
-    if v is None:
-        return None
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
-def nan_list(a: np.ndarray) -> list[Any]:
-    """Nested list of an array with NaN/inf as ``None``."""
-    arr = np.asarray(a, dtype=np.float64)
-    if arr.ndim == 0:
-        return [opt_float(float(arr))]
-    if arr.ndim > 1:
-        return [nan_list(row) for row in arr]
-    return [opt_float(v) for v in arr.tolist()]
-
-
-def from_nan_list(v: Sequence[Any], ndim: int = 1) -> np.ndarray:
-    """Inverse of :func:`nan_list` (``None`` -> NaN); empty input keeps ``ndim``."""
-
-    def conv(x: Any) -> Any:
-        if isinstance(x, list):
-            return [conv(y) for y in x]
-        return math.nan if x is None else float(x)
-
-    out = np.asarray(conv(list(v)), dtype=np.float64)
-    if out.size == 0:
-        out = out.reshape((0,) * ndim)
-    return frozen(out)
 
 
 def jsonable(v: Any) -> Any:

@@ -21,16 +21,19 @@ from raretoken._rng import SeedLike, as_generator
 from raretoken.errors import ConfigError
 
 
-def frozen(a: np.ndarray) -> np.ndarray:
-    """A read-only copy of ``a``."""
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
+def frozen(a: np.ndarray | Sequence[Any], dtype: Any = None) -> np.ndarray:
+    """A read-only copy of ``a`` (as ``dtype`` when given)."""
+    out = np.array(a, dtype=dtype, copy=True)
+    out.flags.writeable = False
+    return out
 
 
-def finite_or_none(v: float) -> float | None:
-    """``v`` as a float, or ``None`` when it is NaN or infinite (for JSON)."""
-    return None if not math.isfinite(v) else float(v)
+def finite_or_none(v: float | None) -> float | None:
+    """``v`` as a float, or ``None`` when it is ``None``, NaN or infinite (for JSON)."""
+    if v is None:
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
 
 
 def nan_if_none(v: float | None) -> float:
@@ -38,22 +41,30 @@ def nan_if_none(v: float | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def nan_list(a: np.ndarray) -> list[Any]:
-    """Nested lists of ``a`` (any number of axes) with non-finite values as ``None``."""
-    if a.ndim > 1:
-        return [nan_list(row) for row in a]
-    return [finite_or_none(v) for v in a.tolist()]
+def nan_list(a: np.ndarray | Sequence[Any]) -> list[Any]:
+    """Nested lists of ``a`` (any number of axes; a scalar gives a one-item list) with
+    non-finite values as ``None``."""
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim == 0:
+        return [finite_or_none(float(arr))]
+    if arr.ndim > 1:
+        return [nan_list(row) for row in arr]
+    return [finite_or_none(v) for v in arr.tolist()]
 
 
-def from_nan_list(v: Sequence[Any]) -> np.ndarray:
-    """Inverse of :func:`nan_list`: a ``float64`` array with ``None`` read as NaN."""
+def from_nan_list(v: Sequence[Any], ndim: int = 1) -> np.ndarray:
+    """Inverse of :func:`nan_list`: a read-only ``float64`` array with ``None`` read as NaN
+    (empty input keeps ``ndim`` axes)."""
 
     def conv(x: Any) -> Any:
         if isinstance(x, list):
             return [conv(y) for y in x]
         return nan_if_none(x)
 
-    return np.asarray(conv(list(v)), dtype=np.float64)
+    out = np.asarray(conv(list(v)), dtype=np.float64)
+    if out.size == 0:
+        out = out.reshape((0,) * ndim)
+    return frozen(out)
 
 
 def finite_scalars_dict(result: Any) -> dict[str, Any]:

@@ -87,6 +87,8 @@ import numpy as np
 from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 
+from ._common import frozen, nan_list
+
 __all__ = [
     "PiecewiseLinearFit",
     "RegimeBootstrap",
@@ -252,12 +254,6 @@ def log_rank_grid(
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 def _opt_float(v: float | None) -> float | None:
@@ -463,17 +459,17 @@ class RegimeFit:
         candidates = tuple(SegmentFit.from_dict(c) for c in d["candidates"])
         by_n = {c.n_segments: c for c in candidates}
         return cls(
-            neuron_ids=_frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
-            delta=_frozen(np.asarray(d["delta"], dtype=np.float64)),
+            neuron_ids=frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
+            delta=frozen(np.asarray(d["delta"], dtype=np.float64)),
             floor_value=float(d["floor_value"]),
             n_fitted=int(d["n_fitted"]),
-            grid_log10_rank=_frozen(np.asarray(d["grid_log10_rank"], dtype=np.float64)),
-            grid_log10_delta=_frozen(np.asarray(d["grid_log10_delta"], dtype=np.float64)),
+            grid_log10_rank=frozen(np.asarray(d["grid_log10_rank"], dtype=np.float64)),
+            grid_log10_delta=frozen(np.asarray(d["grid_log10_delta"], dtype=np.float64)),
             candidates=candidates,
             best=by_n[int(d["best_n_segments"])],
             model=by_n[int(d["model_n_segments"])],
             has_plateau=bool(d["has_plateau"]),
-            plateau_neurons=_frozen(np.asarray(d["plateau_neurons"], dtype=np.int64)),
+            plateau_neurons=frozen(np.asarray(d["plateau_neurons"], dtype=np.int64)),
             kappa=float(d["kappa"]),
             power_law_segment=int(d["power_law_segment"]),
             r1=None if d["r1"] is None else int(d["r1"]),
@@ -662,17 +658,17 @@ def fit_regimes(
         plateau = np.empty(0, dtype=np.int64)
     r2 = model.breakpoints[pl] if pl < len(model.breakpoints) else None
     return RegimeFit(
-        neuron_ids=_frozen(ids_sorted),
-        delta=_frozen(d_sorted),
+        neuron_ids=frozen(ids_sorted),
+        delta=frozen(d_sorted),
         floor_value=floor_value,
         n_fitted=n_fit,
-        grid_log10_rank=_frozen(x),
-        grid_log10_delta=_frozen(y),
+        grid_log10_rank=frozen(x),
+        grid_log10_delta=frozen(y),
         candidates=tuple(candidates),
         best=best,
         model=model,
         has_plateau=has_plateau,
-        plateau_neurons=_frozen(plateau),
+        plateau_neurons=frozen(plateau),
         kappa=-model.slopes[pl],
         power_law_segment=pl,
         r1=r1,
@@ -698,10 +694,6 @@ def _ci(samples: np.ndarray, level: float) -> tuple[float, float] | None:
 
 def _opt_pair(v: Sequence[float] | None) -> tuple[float, float] | None:
     return None if v is None else (float(v[0]), float(v[1]))
-
-
-def _nan_list(a: np.ndarray) -> list[float | None]:
-    return [None if not math.isfinite(v) else float(v) for v in a.tolist()]
 
 
 @dataclass(frozen=True, eq=False)
@@ -757,10 +749,10 @@ class RegimeBootstrap:
             "neuron_ids": self.neuron_ids.tolist(),
             "membership_frequency": self.membership_frequency.tolist(),
             "plateau_existence_rate": self.plateau_existence_rate,
-            "kappa": _nan_list(self.kappa),
-            "r1": _nan_list(self.r1),
-            "r2": _nan_list(self.r2),
-            "r_squared": _nan_list(self.r_squared),
+            "kappa": nan_list(self.kappa),
+            "r1": nan_list(self.r1),
+            "r2": nan_list(self.r2),
+            "r_squared": nan_list(self.r_squared),
             "plateau_size": self.plateau_size.tolist(),
             "ci_kappa": None if self.ci_kappa is None else list(self.ci_kappa),
             "ci_r1": None if self.ci_r1 is None else list(self.ci_r1),
@@ -772,21 +764,21 @@ class RegimeBootstrap:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RegimeBootstrap:
         def arr(key: str) -> np.ndarray:
-            return _frozen(np.asarray([np.nan if v is None else v for v in d[key]], dtype=float))
+            return frozen(np.asarray([np.nan if v is None else v for v in d[key]], dtype=float))
 
         return cls(
             n_boot=int(d["n_boot"]),
             seed=None if d["seed"] is None else int(d["seed"]),
             level=float(d["level"]),
             estimate=RegimeFit.from_dict(d["estimate"]),
-            neuron_ids=_frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
-            membership_frequency=_frozen(np.asarray(d["membership_frequency"], dtype=float)),
+            neuron_ids=frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
+            membership_frequency=frozen(np.asarray(d["membership_frequency"], dtype=float)),
             plateau_existence_rate=float(d["plateau_existence_rate"]),
             kappa=arr("kappa"),
             r1=arr("r1"),
             r2=arr("r2"),
             r_squared=arr("r_squared"),
-            plateau_size=_frozen(np.asarray(d["plateau_size"], dtype=np.int64)),
+            plateau_size=frozen(np.asarray(d["plateau_size"], dtype=np.int64)),
             ci_kappa=_opt_pair(d["ci_kappa"]),
             ci_r1=_opt_pair(d["ci_r1"]),
             ci_r2=_opt_pair(d["ci_r2"]),
@@ -880,14 +872,14 @@ def bootstrap_regimes(
         seed=None if isinstance(seed, np.random.Generator) else int(seed),
         level=level,
         estimate=estimate,
-        neuron_ids=_frozen(ids),
-        membership_frequency=_frozen(member_counts / n_boot),
+        neuron_ids=frozen(ids),
+        membership_frequency=frozen(member_counts / n_boot),
         plateau_existence_rate=float(np.count_nonzero(psize) / n_boot),
-        kappa=_frozen(kappa),
-        r1=_frozen(r1),
-        r2=_frozen(r2),
-        r_squared=_frozen(rsq),
-        plateau_size=_frozen(psize),
+        kappa=frozen(kappa),
+        r1=frozen(r1),
+        r2=frozen(r2),
+        r_squared=frozen(rsq),
+        plateau_size=frozen(psize),
         ci_kappa=_ci(kappa, level),
         ci_r1=_ci(r1, level),
         ci_r2=_ci(r2, level),
