@@ -132,3 +132,20 @@ def test_bad_settings_are_config_errors() -> None:
         make_config(preset="nope")
     with pytest.raises(ConfigError):
         make_config(overrides={"n_windows": "many"})
+
+
+def test_model_identity_of_the_embedded_model_ignores_where_it_is_installed(
+    tmp_path: Path,
+) -> None:
+    from raretoken.models.loading import embedded_model_path
+
+    ident = stages_mod.spec_identity(make_config())
+    gguf = embedded_model_path()
+    assert str(gguf.parent) not in json.dumps(ident)  # another venv shares the cache
+    assert ident["embedded"]["size"] == gguf.stat().st_size
+    assert ident["embedded"]["version"] != "unknown"
+    # a local model directory is identified by its files: a changed file changes the identity
+    (tmp_path / "config.json").write_text("{}")
+    before = stages_mod.spec_identity(make_config(overrides={"model": str(tmp_path)}))
+    (tmp_path / "config.json").write_text('{"n_layer": 2}')
+    assert stages_mod.spec_identity(make_config(overrides={"model": str(tmp_path)})) != before
