@@ -123,9 +123,8 @@ def delta_loss_fast(
     """
     inputs.validate()
     wp = centered(inputs.w_out, inputs.norm)
-    c: torch.Tensor | None = logit_offset(inputs)
-    if inputs.norm.bias is None and inputs.b_u is None:
-        c = None  # all zeros
+    offset = logit_offset(inputs)
+    c = offset if bool(offset.any()) else None  # None: no offset to subtract
     vocab, n_neu = inputs.w_u.shape[0], inputs.n_neurons
     item = inputs.w_u.element_size()
     if neuron_block is None:

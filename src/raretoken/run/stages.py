@@ -7,7 +7,6 @@ rerun of a finished run touches neither.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,13 +26,7 @@ from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
 from ..data.sampling import ContextSample, sample_until_rare, sample_windows, select_documents
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
-from ..models.loading import (
-    EMBEDDED_DIST,
-    LoadedModel,
-    ModelSpec,
-    embedded_model_path,
-    load_model,
-)
+from ..models.loading import LoadedModel, ModelSpec, embedded_model_identity, load_model
 from .cache import ArrayCache, cache_key
 from .config import RunConfig
 
@@ -62,27 +55,12 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _dist_version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def spec_identity(cfg: RunConfig) -> dict[str, Any]:
     """Identity of the model (and its tokenizer) without loading it, for cache keys."""
     src = cfg.model
     ident: dict[str, Any] = {"source": src, "revision": cfg.revision, "gguf_file": cfg.gguf_file}
-    if src == "embedded":
-        # Package, version and file, not the install location: every virtual environment
-        # holding the same wheel shares the cache.
-        path = embedded_model_path()
-        ident["embedded"] = {
-            "package": EMBEDDED_DIST,
-            "version": _dist_version(EMBEDDED_DIST),
-            "file": path.name,
-            "size": path.stat().st_size,
-        }
+    if src == "embedded":  # every environment holding the same wheel shares the cache
+        ident["embedded"] = embedded_model_identity()
         return ident
     path = Path(src).expanduser()
     if path.exists():

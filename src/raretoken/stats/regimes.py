@@ -87,7 +87,7 @@ import numpy as np
 from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 
-from ._common import frozen, nan_list
+from ._common import finite_or_none, from_nan_list, frozen, nan_list
 
 __all__ = [
     "PiecewiseLinearFit",
@@ -254,10 +254,6 @@ def log_rank_grid(
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
-
-
-def _opt_float(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else float(v)
 
 
 @dataclass(frozen=True)
@@ -474,8 +470,8 @@ class RegimeFit:
             power_law_segment=int(d["power_law_segment"]),
             r1=None if d["r1"] is None else int(d["r1"]),
             r2=None if d["r2"] is None else int(d["r2"]),
-            plateau_slope_gap=_opt_float(d["plateau_slope_gap"]),
-            plateau_step=_opt_float(d["plateau_step"]),
+            plateau_slope_gap=finite_or_none(d["plateau_slope_gap"]),
+            plateau_step=finite_or_none(d["plateau_step"]),
             settings=RegimeSettings.from_dict(d["settings"]),
         )
 
@@ -763,9 +759,6 @@ class RegimeBootstrap:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RegimeBootstrap:
-        def arr(key: str) -> np.ndarray:
-            return frozen(np.asarray([np.nan if v is None else v for v in d[key]], dtype=float))
-
         return cls(
             n_boot=int(d["n_boot"]),
             seed=None if d["seed"] is None else int(d["seed"]),
@@ -774,10 +767,10 @@ class RegimeBootstrap:
             neuron_ids=frozen(np.asarray(d["neuron_ids"], dtype=np.int64)),
             membership_frequency=frozen(np.asarray(d["membership_frequency"], dtype=float)),
             plateau_existence_rate=float(d["plateau_existence_rate"]),
-            kappa=arr("kappa"),
-            r1=arr("r1"),
-            r2=arr("r2"),
-            r_squared=arr("r_squared"),
+            kappa=from_nan_list(d["kappa"]),
+            r1=from_nan_list(d["r1"]),
+            r2=from_nan_list(d["r2"]),
+            r_squared=from_nan_list(d["r_squared"]),
             plateau_size=frozen(np.asarray(d["plateau_size"], dtype=np.int64)),
             ci_kappa=_opt_pair(d["ci_kappa"]),
             ci_r1=_opt_pair(d["ci_r1"]),
