@@ -13,8 +13,8 @@ difference between the two (and the largest difference of the Δloss per neuron,
 
 The fast method is timed at each ``--tols`` value (its proven bound on the error of every
 pair: 1e-5, the default of ``raretoken run``, and 1e-4, the benchmark's accuracy target); each
-method runs ``--repeats`` times and its fastest run counts, which keeps a ratio measured on a
-shared machine from swinging with the load.
+method runs ``--repeats`` times, the methods taking turns within each repeat, and the fastest
+run of each counts, which keeps a ratio measured on a shared machine from swinging with the load.
 
     python benchmarks/bench_ablation.py --windows 8 --naive-neurons 16
 """
