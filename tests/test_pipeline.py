@@ -116,11 +116,12 @@ def test_interrupted_stage_leaves_nothing_trusted(
         identify(cfg, root / "run5", cache_dir=root / "cache5", progress=False)
     assert not list((root / "cache5").glob("ablation/*"))
     assert not list((root / "cache5").rglob("*.tmp*"))
-    manifest = json.loads((root / "run5" / "manifest.json").read_text())
-    assert manifest["status"] == "running"
+    assert not (root / "run5").exists()  # nothing finished: no run directory to mislead
+    assert list((root / "cache5").glob("capture/*/entry.json"))  # finished stages are kept
     monkeypatch.undo()
     identify(cfg, root / "run5", cache_dir=root / "cache5", progress=False)  # resumes
-    assert list((root / "cache5").glob("ablation/*.npz"))
+    assert list((root / "cache5").glob("ablation/*/entry.json"))
+    assert json.loads((root / "run5" / "manifest.json").read_text())["status"] == "identified"
 
 
 def test_bad_settings_are_config_errors() -> None:

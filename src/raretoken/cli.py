@@ -244,6 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
+    except OSError as exc:  # a file system refusal we did not foresee: one line, no traceback
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"error: {where}{exc.strerror or exc}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(
             "interrupted: finished stages are cached; rerun the same command to resume\n"

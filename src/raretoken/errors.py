@@ -44,3 +44,7 @@ class NumericalError(RareTokenError):
 
 class RunDirectoryError(RareTokenError):
     """A run directory that holds a different run, or an older schema."""
+
+
+class StorageError(RareTokenError):
+    """A place raretoken must write (run directory, cache) that is not writable."""

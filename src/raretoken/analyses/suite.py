@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raretoken.errors import ConfigError, InsufficientDataError
-from raretoken.run.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+from raretoken.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from ._tables import jsonable, write_csv
 from .claims import ClaimsTable, evaluate_claims

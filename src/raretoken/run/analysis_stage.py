@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._faults import checkpoint
 from ..errors import RunDirectoryError
-from .cache import ArrayCache, atomic_write_text, cache_key, default_cache_dir
-from .manifest import MANIFEST, RunDirectory
+from ..storage import ArrayCache, atomic_write_text, cache_key
+from .manifest import MANIFEST, MANIFEST_SCHEMA, RunDirectory
 from .outputs import identification_summary
+from .stages import open_cache
 
 if TYPE_CHECKING:
     from ..analyses import AnalysisSuite
@@ -86,25 +88,20 @@ def analyses_key(ident: Identification, opts: AnalysisOptions) -> str:
 def _load_cached(cache: ArrayCache, key: str) -> AnalysisSuite | None:
     from ..analyses import AnalysisSuite
 
-    path = cache.path("analyses", key)
-    if path is None:
-        return None
-    path = path.with_suffix(".json")
-    if not path.exists():
+    data = cache.load_json("analyses", key)
+    if data is None:
         return None
     try:
-        return AnalysisSuite.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring unreadable cached analyses %s (%s)", path, exc)
+        return AnalysisSuite.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        cache.discard("analyses", key, f"does not describe an analysis suite ({exc})")
         return None
 
 
 def _save_cached(cache: ArrayCache, key: str, suite: AnalysisSuite) -> None:
     from ..analyses._tables import jsonable
 
-    path = cache.path("analyses", key)
-    if path is not None:
-        atomic_write_text(path.with_suffix(".json"), json.dumps(jsonable(suite.to_dict())))
+    cache.save_json("analyses", key, jsonable(suite.to_dict()))
 
 
 def analyze(
@@ -115,54 +112,63 @@ def analyze(
     no_cache: bool = False,
     progress: bool = True,
 ) -> AnalysisSuite:
-    """Run (or load from the cache) the four analyses and write them into the run directory."""
+    """Run (or load from the cache) the four analyses and write them into the run directory.
+
+    The manifest says ``running`` (stage ``analyses``) while they run, ``complete`` once their
+    files are written, and ``failed``/``interrupted`` if they stop; files of an earlier
+    analysis run that this one does not produce (e.g. routing with ``routing=False``) are
+    removed.
+    """
     from ..analyses import run_analyses, write_analyses
 
     opts = (options or AnalysisOptions()).resolved(ident)
-    cache = ArrayCache(None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir())
+    cache = open_cache(cache_dir, no_cache)
     key = analyses_key(ident, opts)
+    run = RunDirectory.open_existing(ident.run_dir, ident.config.to_dict())
     t0 = time.perf_counter()
-    suite = _load_cached(cache, key)
-    cached = suite is not None
-    if suite is None:
-        suite = run_analyses(
-            ident,
-            n_random=opts.n_random,
-            seed=opts.seed,
-            progress=progress,
-            routing=opts.routing,
-            weight_name=opts.weight_name,
-            coordination_positions=opts.coordination_positions,
-            impact_positions=opts.impact_positions,
-            fallback_k=opts.fallback_k,
-            tau=opts.tau,
-            mi_bins=opts.mi_bins,
-            robustness=opts.robustness,
-            percentiles=opts.percentiles,
-            definitions=opts.definitions,
-        )
-        _save_cached(cache, key, suite)
-    else:
-        log.info("analyses: reusing the cached result")
+    run.begin("analyses")
+    try:
+        checkpoint("analyses")
+        suite = _load_cached(cache, key)
+        cached = suite is not None
+        if suite is None:
+            suite = run_analyses(
+                ident,
+                n_random=opts.n_random,
+                seed=opts.seed,
+                progress=progress,
+                routing=opts.routing,
+                weight_name=opts.weight_name,
+                coordination_positions=opts.coordination_positions,
+                impact_positions=opts.impact_positions,
+                fallback_k=opts.fallback_k,
+                tau=opts.tau,
+                mi_bins=opts.mi_bins,
+                robustness=opts.robustness,
+                percentiles=opts.percentiles,
+                definitions=opts.definitions,
+            )
+            _save_cached(cache, key, suite)
+        else:
+            log.info("analyses: reusing the cached result")
 
-    run = RunDirectory.open(ident.run_dir, ident.config.to_dict())
-    written = write_analyses(suite, ident.run_dir)
-    outputs = run.manifest.setdefault("outputs", {})
-    for name in [n for n in outputs if n.startswith("analyses:")]:
-        del outputs[name]  # a rerun with other options may write fewer files
-    for rel, about in written.items():
-        run.record_output("analyses:" + rel, rel, about)
-    summary = identification_summary(ident) + "\n" + analyses_summary(suite)
-    atomic_write_text(ident.run_dir / "summary.md", summary)
-    run.record_stage(
+        written = write_analyses(suite, ident.run_dir)
+        checkpoint("analyses-written")
+        run.replace_outputs("analyses:", written)
+        summary = identification_summary(ident) + "\n" + analyses_summary(suite)
+        atomic_write_text(ident.run_dir / "summary.md", summary)
+    except BaseException as exc:
+        run.stop("analyses", exc)
+        raise
+    run.end(
         "analyses",
+        "complete",
         seconds=round(time.perf_counter() - t0, 3),
         key=key,
         cached=cached,
         options=asdict(opts),
         group={"name": suite.group.name, "size": suite.group.size, "note": suite.group.note},
     )
-    run.finish()
     return suite
 
 
@@ -185,8 +191,6 @@ def analyses_summary(suite: AnalysisSuite) -> str:
 
 def config_of_run_dir(run_dir: Path | str) -> dict[str, Any]:
     """The configuration recorded in a run directory's manifest."""
-    from .cache import SCHEMA_VERSION
-
     mf = Path(run_dir) / MANIFEST
     if not mf.exists():
         raise RunDirectoryError(f"{run_dir} is not a raretoken run directory (no {MANIFEST})")
@@ -194,10 +198,10 @@ def config_of_run_dir(run_dir: Path | str) -> dict[str, Any]:
         manifest = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RunDirectoryError(f"cannot read {mf}: {exc}") from exc
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") != MANIFEST_SCHEMA:
         raise RunDirectoryError(
             f"{run_dir} was written by an older raretoken (schema "
-            f"{manifest.get('schema_version')}, this one reads {SCHEMA_VERSION}); rerun "
+            f"{manifest.get('schema_version')}, this one reads {MANIFEST_SCHEMA}); rerun "
             "`raretoken run` with --overwrite"
         )
     cfg = manifest.get("config")

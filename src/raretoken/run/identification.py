@@ -14,17 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .._faults import checkpoint
 from ..data.sampling import ContextSample
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError
 from ..stats.regimes import RegimeBootstrap, RegimeFit, bootstrap_regimes, fit_regimes
-from .cache import ArrayCache, default_cache_dir
 from .config import RunConfig
-from .manifest import RunDirectory
+from .manifest import RunDirectory, now_iso
 from .outputs import write_identification
-from .stages import Stages
+from .stages import Stages, open_cache
 
 log = logging.getLogger(__name__)
+
+#: Fewest rare-target positions the rare-side regime fit is run on.
+MIN_RARE_POSITIONS = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,22 +92,31 @@ def identify(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Identification:
-    """Run (or resume) identification and write its run directory."""
+    """Run (or resume from the cache) identification and write its run directory.
+
+    The inputs and the places to write are checked before any work; the run directory is
+    written only when identification has finished (see :mod:`.manifest`).
+    """
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
-    run = RunDirectory.open(out, cfg.to_dict(), overwrite=overwrite)
-    cache = ArrayCache(None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir())
+    config = cfg.to_dict()
+    RunDirectory.preflight(out, config, overwrite=overwrite)
+    cache = open_cache(cache_dir, no_cache)
     st = Stages(cfg, cache, progress=progress)
+    st.check_inputs()
     t0 = time.perf_counter()
+    stages: dict[str, dict[str, object]] = {}
 
     def timed(name: str, t: float, **info: object) -> None:
-        run.record_stage(name, seconds=round(time.perf_counter() - t, 3), **info)
+        stages[name] = dict(info, seconds=round(time.perf_counter() - t, 3), finished=now_iso())
 
+    checkpoint("token_statistics")
     t = time.perf_counter()
     counts, strings = st.token_counts()
     split = split_rare_common(counts, percentile=cfg.percentile)
     timed("token_statistics", t, key=st.counts_key(), n_tokens=counts.n_tokens)
 
+    checkpoint("sampling")
     t = time.perf_counter()
     sample, ref, sample_key, ref_key = st.samples(split)
     rare_mask, common_mask = split.masks()
@@ -117,22 +129,26 @@ def identify(
         n_rare_positions=len(rare_pos),
         n_common_positions=len(common_pos),
     )
-    if len(rare_pos) < 2:
+    if len(rare_pos) < MIN_RARE_POSITIONS:
         raise InsufficientDataError(
-            f"only {len(rare_pos)} rare-target positions in {sample.n_positions} scored tokens; "
-            "use more windows (--n-windows), --sampling until_rare, or a higher --percentile"
+            f"only {len(rare_pos)} rare-target positions in {sample.n_positions} scored tokens "
+            f"(the regime fit needs at least {MIN_RARE_POSITIONS}); use more windows "
+            "(--n-windows), --sampling until_rare, or a higher --percentile"
         )
 
+    checkpoint("forward")
     t = time.perf_counter()
     cap, cap_key = st.capture(sample, sample_key, reference=False)
     ref_cap, ref_cap_key = st.capture(ref, ref_key, reference=True)
     mean_acts = ref_cap.acts.astype(np.float64).mean(0).astype(np.float32)
     timed("forward", t, key=cap_key, reference_key=ref_cap_key)
 
+    checkpoint("ablation")
     t = time.perf_counter()
     delta = st.ablation(cap, mean_acts, cap_key, ref_cap_key)
     timed("ablation", t, method=cfg.method, tol=cfg.tol)
 
+    checkpoint("regimes")
     t = time.perf_counter()
     neurons = _neuron_table(delta, rare_pos, common_pos, layer=-1)
     rare_fit = fit_regimes(neurons.delta_rare, neurons.neuron_ids)
@@ -176,11 +192,27 @@ def identify(
             "tol": cfg.tol,
         },
     )
-    write_identification(result, run)
-    run.set("identity", {"model": st.model_id, "corpus": st.context_corpus_id,
-                         "freq_corpus": st.freq_corpus_id})  # fmt: skip
-    run.set("total_seconds", round(time.perf_counter() - t0, 3))
-    run.finish()
+
+    def write(run: RunDirectory) -> None:
+        write_identification(result, run)
+        checkpoint("publish")
+
+    RunDirectory.publish(
+        out,
+        config,
+        write,
+        stages=stages,
+        overwrite=overwrite,
+        info={
+            "identity": {
+                "model": st.model_id,
+                "corpus": st.context_corpus_id,
+                "freq_corpus": st.freq_corpus_id,
+                "heldout_split": st.heldout_description,
+            },
+            "total_seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
     return result
 
 

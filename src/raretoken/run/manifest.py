@@ -1,26 +1,55 @@
-"""The run directory and its versioned manifest (provenance of every result)."""
+"""The run directory and its versioned manifest (provenance of every result).
+
+Life of a run directory
+    Nothing is created until there is a run to record: the inputs are validated and every
+    identification stage is computed (or read from the cache) first. The identification's
+    files and manifest are then written into a staging directory beside the run directory and
+    swapped in (:meth:`RunDirectory.publish`), so the directory always holds exactly one
+    run's files: an overwritten run leaves nothing of the earlier one behind, and a run killed
+    while writing leaves the previous directory as it was.
+
+Status (``manifest["status"]``) says what has really finished
+    ``identified``
+        identification finished (all its stages are in ``stages``); no analyses yet.
+    ``running``
+        a stage is in progress: ``running`` names it, with the process id, host and start
+        time. If that process is gone, the run was killed during that stage; everything listed
+        in ``stages`` had finished (:func:`read_status` reports it as ``interrupted``).
+    ``complete``
+        identification and the analyses finished.
+    ``failed`` / ``interrupted``
+        the stage named in ``error`` stopped with an error / was interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata as md
 import json
+import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import RunDirectoryError
-from .cache import SCHEMA_VERSION, atomic_write_json, cache_key
+from ..errors import RunDirectoryError, StorageError
+from ..storage import atomic_write_json, cache_key, ensure_writable_dir
 
 MANIFEST = "manifest.json"
+#: Version of the manifest's layout; a run directory of another version is refused.
+MANIFEST_SCHEMA = 2
 _PACKAGES = (
     "torch", "transformers", "tokenizers", "numpy", "scipy", "networkx", "matplotlib",
     "pyarrow", "gguf", "accelerate",
 )  # fmt: skip
+_OUT_HINT = "choose another --out"
 
 
 def package_versions() -> dict[str, str | None]:
@@ -33,36 +62,111 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit() -> str | None:
-    """Commit of the raretoken source checkout (``None`` when installed from a wheel)."""
-    src = Path(__file__).resolve().parents[1]
+def _git(args: list[str], cwd: Path) -> str | None:
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
     try:
         res = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=False,
+            ["git", "--no-optional-locks", "-C", str(cwd), *args],
+            capture_output=True, text=True, timeout=5, check=False, env=env,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    if res.returncode != 0:
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """Commit of the raretoken source checkout, ``-dirty`` when it has changes.
+
+    ``None`` unless raretoken runs from its own checkout (an editable install): an installed
+    copy inside a user's repository must not report that repository's commit. Git is asked
+    with ``--no-optional-locks``, so the user's index is never locked or rewritten.
+    """
+    here = Path(__file__).resolve()
+    top = _git(["rev-parse", "--show-toplevel"], here.parent)
+    if not top:
         return None
-    return res.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    root = Path(top)
+    try:
+        rel = here.relative_to(root)
+    except ValueError:
+        return None
+    if rel.as_posix() != "src/raretoken/run/manifest.py":
+        return None
+    head = _git(["rev-parse", "HEAD"], root)
+    if not head:
+        return None
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], root)
+    return head + ("-dirty" if dirty else "")
 
 
-def _now() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    mf = path / MANIFEST
+    if not mf.exists():
+        return None
+    try:
+        data = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_status(path: Path | str) -> str | None:
+    """The status of the run directory at ``path`` (``None`` when it is not one).
+
+    ``running`` is reported as ``interrupted`` when the recorded process is gone (same host).
+    """
+    m = _read_manifest(Path(path))
+    if m is None:
+        return None
+    status = m.get("status")
+    info = m.get("running") or {}
+    if (
+        status == "running"
+        and info.get("host") == socket.gethostname()
+        and isinstance(info.get("pid"), int)
+        and not _pid_alive(info["pid"])
+    ):
+        return "interrupted"
+    return status if isinstance(status, str) else None
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f".{path.name}.{kind}-{tag}"
+
+
+def _sweep_siblings(path: Path) -> None:
+    """Remove staging/old directories left beside ``path`` by killed runs on this host."""
+    host = socket.gethostname()
+    for kind in ("staging", "old"):
+        for p in path.parent.glob(f".{path.name}.{kind}-*"):
+            tag = p.name[len(f".{path.name}.{kind}-") :]
+            parts = tag.split("-")
+            try:
+                pid = int(parts[-2])
+            except (IndexError, ValueError):
+                continue
+            if "-".join(parts[:-2]) == host and not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass
 class RunDirectory:
-    """A run directory bound to one configuration.
-
-    Opening a directory whose manifest records a different configuration (or an older schema)
-    raises :class:`RunDirectoryError` unless ``overwrite`` is given.
-    """
+    """A run directory bound to one configuration (see the module docstring)."""
 
     path: Path
     config: dict[str, Any]
@@ -72,61 +176,103 @@ class RunDirectory:
     def run_id(self) -> str:
         return cache_key("run", self.config)[:12]
 
-    @classmethod
-    def open(cls, path: Path, config: dict[str, Any], *, overwrite: bool = False) -> RunDirectory:
-        run = cls(path=path, config=config)
-        mf = path / MANIFEST
-        if mf.exists():
-            try:
-                old = json.loads(mf.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {}
-            same = old.get("schema_version") == SCHEMA_VERSION and old.get("config") == config
-            if not same and not overwrite:
+    # ------------------------------------------------------------------ before a run
+    @staticmethod
+    def preflight(path: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
+        """Check, writing nothing, that a run with ``config`` may be written to ``path``.
+
+        Raises :class:`RunDirectoryError` when ``path`` holds another run (unless
+        ``overwrite``), an older manifest schema (unless ``overwrite``) or files that are not
+        a run directory (always: ``overwrite`` replaces only run directories), and
+        :class:`StorageError` when it cannot be written.
+        """
+        path = Path(path)
+        ensure_writable_dir(path, "run directory", _OUT_HINT, create=False)
+        old = _read_manifest(path)
+        if old is not None:
+            same_schema = old.get("schema_version") == MANIFEST_SCHEMA
+            if (not same_schema or old.get("config") != config) and not overwrite:
                 what = (
-                    "an older schema"
-                    if old.get("schema_version") != SCHEMA_VERSION
-                    else "a run with a different configuration"
+                    "an older schema" if not same_schema else "a run with a different configuration"
                 )
-                raise RunDirectoryError(
-                    f"{path} holds {what}; choose another --out or pass --overwrite"
-                )
-            if same:
-                run.manifest = old
-        elif path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise RunDirectoryError(
-                    f"{path} exists and is not a raretoken run directory; choose another --out"
-                )
-        path.mkdir(parents=True, exist_ok=True)
-        if not run.manifest:
-            run.manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "run_id": run.run_id,
-                "created": _now(),
-                "config": config,
-                "stages": {},
-                "outputs": {},
-            }
-        run.manifest.update(
-            {
-                "status": "running",
-                "updated": _now(),
-                "versions": package_versions(),
-                "git_commit": git_commit(),
-                "platform": platform.platform(),
-                "command": sys.argv,
-            }
-        )
-        run.save()
+                raise RunDirectoryError(f"{path} holds {what}; {_OUT_HINT} or pass --overwrite")
+        elif path.is_dir() and any(path.iterdir()):
+            raise RunDirectoryError(
+                f"{path} exists and is not a raretoken run directory; {_OUT_HINT} "
+                "(--overwrite replaces only run directories)"
+            )
+
+    @classmethod
+    def publish(
+        cls,
+        path: Path,
+        config: dict[str, Any],
+        write: Callable[[RunDirectory], None],
+        *,
+        stages: Mapping[str, Any],
+        info: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> RunDirectory:
+        """Write a run's files with ``write`` into a staging directory, then swap it in."""
+        path = Path(path)
+        cls.preflight(path, config, overwrite=overwrite)
+        old = _read_manifest(path) or {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_siblings(path)
+        staging = _sibling(path, "staging")
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise StorageError(f"cannot create {staging}: {exc.strerror}; {_OUT_HINT}") from exc
+        run = cls(path=staging, config=config)
+        same = old.get("config") == config and old.get("schema_version") == MANIFEST_SCHEMA
+        run.manifest = {
+            "schema_version": MANIFEST_SCHEMA,
+            "run_id": run.run_id,
+            "created": old.get("created", now_iso()) if same else now_iso(),
+            "updated": now_iso(),
+            "status": "identified",
+            "config": config,
+            "stages": dict(stages),
+            "outputs": {},
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "platform": platform.platform(),
+            "command": sys.argv,
+            **dict(info or {}),
+        }
+        try:
+            write(run)
+            run.save()
+            if path.exists():
+                trash = _sibling(path, "old")
+                os.rename(path, trash)
+                os.rename(staging, path)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        run.path = path
         return run
 
-    def save(self) -> None:
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+    # ------------------------------------------------------------------ a published run
+    @classmethod
+    def open_existing(cls, path: Path, config: dict[str, Any]) -> RunDirectory:
+        """The published run directory of ``config`` at ``path`` (to add a stage to it)."""
+        m = _read_manifest(Path(path))
+        if not m:
+            raise RunDirectoryError(
+                f"{path} is not a raretoken run directory (no readable {MANIFEST})"
+            )
+        if m.get("schema_version") != MANIFEST_SCHEMA or m.get("config") != config:
+            raise RunDirectoryError(f"{path} holds another run; rerun identification first")
+        return cls(path=Path(path), config=config, manifest=m)
 
-    def record_stage(self, name: str, **info: Any) -> None:
-        self.manifest.setdefault("stages", {})[name] = dict(info, finished=_now())
-        self.save()
+    def save(self) -> None:
+        self.manifest["updated"] = now_iso()
+        atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def record_output(self, name: str, relpath: str, description: str) -> None:
         self.manifest.setdefault("outputs", {})[name] = {"path": relpath, "about": description}
@@ -134,7 +280,48 @@ class RunDirectory:
     def set(self, key: str, value: Any) -> None:
         self.manifest[key] = value
 
-    def finish(self) -> None:
-        self.manifest["status"] = "complete"
-        self.manifest["updated"] = _now()
+    def begin(self, stage: str) -> None:
+        """Record that ``stage`` is running in this process (before it writes anything)."""
+        self.manifest.pop("error", None)
+        self.manifest["status"] = "running"
+        self.manifest["running"] = {
+            "stage": stage,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": now_iso(),
+        }
+        self.manifest.get("stages", {}).pop(stage, None)
         self.save()
+
+    def end(self, stage: str, status: str, **info: Any) -> None:
+        """Record ``stage`` as finished and the run's status as ``status``."""
+        self.manifest.pop("running", None)
+        self.manifest.setdefault("stages", {})[stage] = dict(info, finished=now_iso())
+        self.manifest["status"] = status
+        self.save()
+
+    def stop(self, stage: str, exc: BaseException) -> None:
+        """Record that ``stage`` stopped: ``interrupted`` (Ctrl-C) or ``failed``."""
+        self.manifest.pop("running", None)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        self.manifest["status"] = "interrupted" if interrupted else "failed"
+        self.manifest["error"] = {
+            "stage": stage,
+            "type": type(exc).__name__,
+            "message": str(exc).splitlines()[0] if str(exc) else "",
+        }
+        try:
+            self.save()
+        except OSError:
+            pass
+
+    def replace_outputs(self, prefix: str, written: Mapping[str, str]) -> None:
+        """Register ``written`` (relpath -> about) under ``prefix``; delete the files that an
+        earlier stage of the same kind wrote and this one did not."""
+        outputs = self.manifest.setdefault("outputs", {})
+        for name in [n for n in outputs if n.startswith(prefix)]:
+            rel = outputs.pop(name)["path"]
+            if rel not in written:
+                (self.path / rel).unlink(missing_ok=True)
+        for rel, about in written.items():
+            self.record_output(prefix + rel, rel, about)

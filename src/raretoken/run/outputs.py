@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..plotting.frequency import FrequencyDisplay
 from ..plotting.rank_curve import RankCurveDisplay
-from .cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .manifest import RunDirectory
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _csv_cell(v: Any) -> str:
 
 
 def write_identification(res: Identification, run: RunDirectory) -> None:
-    out = res.run_dir
+    out = run.path
     n = res.neurons
     plateau = np.isin(n.neuron_ids, res.rare_fit.plateau_neurons)
     rank_rare = np.empty_like(n.neuron_ids)
@@ -122,7 +122,6 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     summary = identification_summary(res)
     atomic_write_text(out / "summary.md", summary)
     run.record_output("summary", "summary.md", "plain-language findings")
-    run.save()
 
 
 def _ci(ci: tuple[float, float] | None, fmt: str = ".2f") -> str:

@@ -26,8 +26,14 @@ from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
 from ..data.sampling import ContextSample, sample_until_rare, sample_windows, select_documents
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
-from ..models.loading import LoadedModel, ModelSpec, embedded_model_identity, load_model
-from .cache import ArrayCache, cache_key
+from ..models.loading import (
+    LoadedModel,
+    ModelSpec,
+    embedded_model_identity,
+    load_model,
+    resolve_source,
+)
+from ..storage import ArrayCache, cache_key, default_cache_dir, ensure_writable_dir
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,17 @@ def spec_identity(cfg: RunConfig) -> dict[str, Any]:
     return ident
 
 
+def open_cache(cache_dir: Path | str | None, no_cache: bool) -> ArrayCache:
+    """The cache at ``cache_dir`` (default :func:`default_cache_dir`), checked writable."""
+    if no_cache:
+        return ArrayCache(None)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    ensure_writable_dir(
+        root, "cache directory", "pass --cache-dir DIR (or set RARETOKEN_CACHE), or --no-cache"
+    )
+    return ArrayCache(root)
+
+
 def resolved_device(cfg: RunConfig) -> str:
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,6 +123,19 @@ class Stages:
     def shared_corpus(self) -> bool:
         """Frequencies and contexts from one corpus: split its documents in two."""
         return self.cfg.freq_corpus is None or self.cfg.freq_corpus == self.cfg.corpus
+
+    def check_inputs(self) -> None:
+        """Resolve the model and corpora without loading them: a missing path, an unknown
+        corpus or an unsupported GGUF fails here, before any work or any file is written."""
+        resolve_source(model_spec(self.cfg))
+        _ = self.model_id, self.context_corpus_id, self.freq_corpus_id
+
+    @property
+    def heldout_description(self) -> dict[str, Any] | None:
+        """How the shared corpus was split into counting and held-out parts (manifest)."""
+        if not self.shared_corpus:
+            return None
+        return {"fraction": self.cfg.heldout_fraction, "seed": 0, "unit": "document"}
 
     @property
     def loaded(self) -> LoadedModel:
