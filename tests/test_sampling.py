@@ -1,4 +1,4 @@
-"""Tests for raretoken.data.sampling (held-out split, context windows)."""
+"""Tests for raretoken.data.sampling (context windows); the held-out split is in test_heldout."""
 
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ from bpe_fixture import make_docs, make_tokenizer
 from raretoken.data.corpus import Document
 from raretoken.data.sampling import (
     ContextSample,
-    is_heldout,
     sample_until_rare,
     sample_windows,
-    select_documents,
-    split_documents,
 )
 from raretoken.data.token_stats import FrequencySplit, count_tokens, split_rare_common
 from raretoken.errors import ConfigError, CorpusError, InsufficientDataError
@@ -56,37 +53,6 @@ def sample(
     args: dict[str, object] = {"n_windows": 6, "window_len": 32, "seed": 0, "progress": False}
     args.update(kwargs)
     return sample_windows(docs, tokenizer, **args)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------ held-out split
-
-
-def test_heldout_split_is_stable_and_proportional() -> None:
-    ids = [f"doc-{i}" for i in range(20000)]
-    held = [i for i in ids if is_heldout(i, 0.1, seed=7)]
-    # binomial(20000, 0.1): sd = 42; 5 sd
-    assert abs(len(held) - 2000) < 5 * 42
-    assert held == [i for i in reversed(ids) if is_heldout(i, 0.1, seed=7)][::-1]
-    larger = {i for i in ids if is_heldout(i, 0.3, seed=7)}
-    assert set(held) <= larger
-    other_seed = {i for i in ids if is_heldout(i, 0.1, seed=8)}
-    assert len(other_seed & set(held)) < 400  # independent: about 10 % of 2000
-    assert not any(is_heldout(i, 0.0, seed=7) for i in ids[:100])
-    assert all(is_heldout(i, 1.0, seed=7) for i in ids[:100])
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ConfigError):
-            is_heldout("x", bad, seed=0)
-
-
-def test_split_documents_partitions(docs: list[Document]) -> None:
-    kept, held = split_documents(docs, heldout_fraction=0.25, seed=1)
-    assert len(kept) + len(held) == len(docs)
-    assert {d.doc_id for d in kept}.isdisjoint({d.doc_id for d in held})
-    assert [d.doc_id for d in held] == [d.doc_id for d in docs if is_heldout(d.doc_id, 0.25, 1)]
-    assert list(select_documents(iter(docs), heldout=True, heldout_fraction=0.25, seed=1)) == held
-    assert list(select_documents(iter(docs), heldout=False, heldout_fraction=0.25, seed=1)) == kept
-    with pytest.raises(ConfigError):
-        split_documents(docs, heldout_fraction=2.0, seed=1)
 
 
 # ------------------------------------------------------------------ windows

@@ -9,14 +9,19 @@ from raretoken.data.corpus import (
     iter_documents,
     require_nonempty,
 )
+from raretoken.data.heldout import (
+    PASSAGE_CHARS,
+    heldout_description,
+    is_heldout,
+    select_documents,
+    split_documents,
+    split_passages,
+)
 from raretoken.data.sampling import (
     BosPolicy,
     ContextSample,
-    is_heldout,
     sample_until_rare,
     sample_windows,
-    select_documents,
-    split_documents,
 )
 from raretoken.data.token_stats import (
     Elbow,
@@ -29,6 +34,7 @@ from raretoken.data.token_stats import (
 )
 
 __all__ = [
+    "PASSAGE_CHARS",
     "BosPolicy",
     "ContextSample",
     "CorpusSpec",
@@ -39,6 +45,7 @@ __all__ = [
     "corpus_identity",
     "count_tokens",
     "find_elbow",
+    "heldout_description",
     "is_heldout",
     "iter_documents",
     "require_nonempty",
@@ -46,6 +53,7 @@ __all__ = [
     "sample_windows",
     "select_documents",
     "split_documents",
+    "split_passages",
     "split_rare_common",
     "sweep_percentiles",
 ]

@@ -25,15 +25,15 @@ by stream offset.
 
 Held-out documents
 ------------------
-:func:`is_heldout` assigns each document to the held-out part from a hash of
-``(seed, doc_id)``: stable, order-independent and streaming-friendly.
+The split of one corpus into a counting and a held-out part lives in
+:mod:`raretoken.data.heldout`; its public functions are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +42,9 @@ from tqdm.auto import tqdm
 
 from raretoken._rng import as_generator
 from raretoken.data.corpus import Document, require_nonempty
+from raretoken.data.heldout import is_heldout as is_heldout
+from raretoken.data.heldout import select_documents as select_documents
+from raretoken.data.heldout import split_documents as split_documents
 from raretoken.data.token_stats import FrequencySplit, Tokenizer, encode_batch
 from raretoken.errors import ConfigError, InsufficientDataError
 
@@ -54,56 +57,6 @@ DEFAULT_MAX_STREAM_TOKENS = 10_000_000
 """Default cap on the token stream read from the corpus (about 40 MB of int32)."""
 
 _ENCODE_BATCH_DOCS = 64
-
-
-# --------------------------------------------------------------------------------------------
-# held-out split
-
-
-def _unit_hash(doc_id: str, seed: int) -> float:
-    digest = hashlib.blake2b(f"{int(seed)}\x00{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"heldout_fraction must be in [0, 1], got {fraction}")
-
-
-def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
-    """Whether document ``doc_id`` is in the held-out part (about ``fraction`` of documents).
-
-    The decision is ``blake2b(seed, doc_id) / 2**64 < fraction``: it depends on nothing else,
-    so it is stable across runs, orders and corpus sizes, and the held-out part for a larger
-    fraction contains the one for a smaller fraction.
-    """
-    _check_fraction(fraction)
-    return _unit_hash(doc_id, seed) < fraction
-
-
-def select_documents(
-    docs: Iterable[Document], *, heldout: bool, heldout_fraction: float, seed: int
-) -> Iterator[Document]:
-    """Stream the held-out (``heldout=True``) or the remaining documents of ``docs``."""
-    _check_fraction(heldout_fraction)
-    for doc in docs:
-        if (_unit_hash(doc.doc_id, seed) < heldout_fraction) == heldout:
-            yield doc
-
-
-def split_documents(
-    docs: Iterable[Document], *, heldout_fraction: float, seed: int
-) -> tuple[list[Document], list[Document]]:
-    """Split ``docs`` into ``(count_docs, heldout_docs)`` with :func:`is_heldout`.
-
-    Both parts are materialised; use :func:`select_documents` to stream one part.
-    """
-    _check_fraction(heldout_fraction)
-    kept: list[Document] = []
-    held: list[Document] = []
-    for doc in docs:
-        (held if _unit_hash(doc.doc_id, seed) < heldout_fraction else kept).append(doc)
-    return kept, held
 
 
 # --------------------------------------------------------------------------------------------

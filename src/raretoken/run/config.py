@@ -15,6 +15,9 @@ Values come from the preset, then a TOML config file, then command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -92,32 +95,132 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    types = {f.name: f.type for f in fields(RunConfig)}
-    if name not in types:
-        raise ConfigError(f"unknown setting {name!r}")
-    t = str(types[name])
-    if value is None:
+# TOML's names for the Python types ``tomllib`` produces (checked in this order: ``bool`` is an
+# ``int`` and ``datetime`` a ``date``).
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+    (datetime.datetime, "datetime"),
+    (datetime.date, "date"),
+    (datetime.time, "time"),
+)
+_EXPECTED = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """``{name: (base type, accepts None)}`` of every :class:`RunConfig` field.
+
+    The annotations are strings (``from __future__ import annotations``): ``"int"``,
+    ``"float | None"``, ...
+    """
+    base_types = {"int": int, "float": float, "str": str}
+    out: dict[str, tuple[type, bool]] = {}
+    for f in fields(RunConfig):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        optional = "None" in parts
+        names = [p for p in parts if p != "None"]
+        if len(names) != 1 or names[0] not in base_types:
+            raise TypeError(f"RunConfig.{f.name}: unsupported annotation {f.type!r}")
+        out[f.name] = (base_types[names[0]], optional)
+    return out
+
+
+_FIELD_TYPES = _field_types()
+
+
+def _type_name(value: Any, origin: str) -> str:
+    """``"TOML float"`` / ``"Python float"``: the kind of value, in the words of its origin."""
+    if origin == "TOML":
+        for cls, name in _TOML_TYPES:
+            if isinstance(value, cls):
+                return f"TOML {name}"
+    return f"Python {type(value).__name__}"
+
+
+def _coerce(name: str, value: Any, origin: str = "Python") -> Any:
+    """``value`` as the type of setting ``name``, refusing values of another type.
+
+    ``int`` settings take integers only (no floats, not even ``4.0``, and no booleans);
+    ``float`` settings take integers and floats (no booleans); ``str`` settings take strings;
+    ``None`` only where the field allows it. ``origin`` ("TOML" or "Python") words the error.
+    """
+    if name not in _FIELD_TYPES:
+        raise ConfigError(f"unknown setting {name!r}; known settings: {', '.join(_FIELD_TYPES)}")
+    base, optional = _FIELD_TYPES[name]
+    if value is None and optional:
         return None
-    try:
-        if t.startswith("int"):
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-        return str(value) if t.startswith("str") else value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot read {value!r} ({exc})") from None
+    ok = False
+    if base is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    elif base is str:
+        ok = isinstance(value, str)
+    if ok:
+        try:
+            return base(value)
+        except OverflowError:
+            raise ConfigError(f"setting {name!r}: {value!r} is too large") from None
+    expected = _EXPECTED[base] + (" (or unset)" if optional else "")
+    hint = ""
+    if (
+        base is int
+        and isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and float(value).is_integer()
+    ):
+        hint = f"; write {int(float(value))}"
+    elif base is int and isinstance(value, str):
+        hint = "; write the number without quotes"
+    raise ConfigError(
+        f"setting {name!r} must be {expected}, got {value!r} ({_type_name(value, origin)}){hint}"
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file, type-checked (see :func:`_coerce`).
+
+    Settings may sit at the top level or in a ``[run]`` table (not both for one setting); any
+    other top-level key is refused with :class:`ConfigError`.
+    """
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    flat = dict(data.get("run", {}), **{k: v for k, v in data.items() if k != "run"})
+    run_table = data.get("run", {})
+    if not isinstance(run_table, dict):
+        raise ConfigError(
+            f"config file {path}: 'run' must be a table ([run]), got {run_table!r} "
+            f"({_type_name(run_table, 'TOML')})"
+        )
+    top = {k: v for k, v in data.items() if k != "run"}
+    flat: dict[str, Any] = {}
+    for where, table in (("[run]", run_table), ("top level", top)):
+        for key, value in table.items():
+            if key not in _FIELD_TYPES:
+                raise ConfigError(
+                    f"config file {path}: unknown setting {key!r} ({where}); known settings: "
+                    f"{', '.join(_FIELD_TYPES)}"
+                )
+            if key in flat:
+                raise ConfigError(
+                    f"config file {path}: setting {key!r} is given both in [run] and at the top "
+                    "level"
+                )
+            try:
+                flat[key] = _coerce(key, value, origin="TOML")
+            except ConfigError as exc:
+                raise ConfigError(f"config file {path}: {exc}") from None
     return flat
 
 
@@ -126,16 +229,22 @@ def make_config(
     config_file: Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Preset, then config file, then ``overrides`` (``None`` values are ignored)."""
-    values: dict[str, Any] = {}
+    """Preset, then config file, then ``overrides`` (``None`` values are ignored).
+
+    Values of the wrong type are refused with :class:`ConfigError`, not converted: an ``int``
+    setting takes only integers, a ``float`` setting integers or floats, a ``str`` setting
+    strings (booleans are neither integers nor floats here).
+    """
+    typed_overrides = {
+        k: _coerce(k, v, origin="Python") for k, v in (overrides or {}).items() if v is not None
+    }
     file_values = read_config_file(config_file) if config_file else {}
     chosen = preset or file_values.get("preset") or "demo"
-    if chosen not in PRESETS:
+    if not isinstance(chosen, str) or chosen not in PRESETS:
         raise ConfigError(f"unknown preset {chosen!r}; choose one of {sorted(PRESETS)}")
-    values.update(PRESETS[chosen])
-    values["preset"] = chosen
+    values: dict[str, Any] = dict(PRESETS[chosen])
     values.update(file_values)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(typed_overrides)
     values["preset"] = chosen
     cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
     cfg.validate()

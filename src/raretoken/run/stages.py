@@ -24,11 +24,13 @@ from ..ablation.fast import delta_loss_fast
 from ..ablation.inputs import inputs_from_adapter
 from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
-from ..data.sampling import ContextSample, sample_until_rare, sample_windows, select_documents
+from ..data.heldout import PASSAGE_CHARS, heldout_description, select_documents, split_passages
+from ..data.sampling import ContextSample, sample_until_rare, sample_windows
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
 from ..models.loading import (
     LoadedModel,
     ModelSpec,
+    check_gguf,
     embedded_model_identity,
     load_model,
     resolve_source,
@@ -127,7 +129,9 @@ class Stages:
     def check_inputs(self) -> None:
         """Resolve the model and corpora without loading them: a missing path, an unknown
         corpus or an unsupported GGUF fails here, before any work or any file is written."""
-        resolve_source(model_spec(self.cfg))
+        src = resolve_source(model_spec(self.cfg))
+        if src.kind in ("gguf", "embedded") and src.path is not None:
+            check_gguf(src.path)
         _ = self.model_id, self.context_corpus_id, self.freq_corpus_id
 
     @property
@@ -135,7 +139,14 @@ class Stages:
         """How the shared corpus was split into counting and held-out parts (manifest)."""
         if not self.shared_corpus:
             return None
-        return {"fraction": self.cfg.heldout_fraction, "seed": 0, "unit": "document"}
+        return heldout_description(self.cfg.heldout_fraction, 0, PASSAGE_CHARS)
+
+    @property
+    def _split_key(self) -> dict[str, Any] | None:
+        """What the shared-corpus split depends on (part of the counts and sample keys)."""
+        if not self.shared_corpus:
+            return None
+        return {"fraction": self.cfg.heldout_fraction, "passage_chars": PASSAGE_CHARS}
 
     @property
     def loaded(self) -> LoadedModel:
@@ -146,19 +157,17 @@ class Stages:
 
     # ----------------------------------------------------------------- documents
     def _docs(self, which: str) -> Iterator[Document]:
-        if which == "freq":
-            src = self.cfg.freq_corpus or self.cfg.corpus
-            docs: Iterator[Document] = iter_documents(self._corpus_spec(src))
-            if self.shared_corpus:
-                docs = select_documents(
-                    docs, heldout=False, heldout_fraction=self.cfg.heldout_fraction, seed=0
-                )
-        else:
-            docs = iter_documents(self._corpus_spec(self.cfg.corpus))
-            if self.shared_corpus:
-                docs = select_documents(
-                    docs, heldout=True, heldout_fraction=self.cfg.heldout_fraction, seed=0
-                )
+        """The counting (``"freq"``) or context documents; with one corpus serving both, its
+        passages are split into a counting and a held-out part (see :mod:`..data.heldout`)."""
+        src = (self.cfg.freq_corpus or self.cfg.corpus) if which == "freq" else self.cfg.corpus
+        docs: Iterator[Document] = iter_documents(self._corpus_spec(src))
+        if self.shared_corpus:
+            docs = select_documents(
+                split_passages(docs, PASSAGE_CHARS),
+                heldout=which != "freq",
+                heldout_fraction=self.cfg.heldout_fraction,
+                seed=0,
+            )
         return require_nonempty(docs, "frequency corpus" if which == "freq" else "corpus")
 
     # ----------------------------------------------------------------- stages
@@ -168,7 +177,7 @@ class Stages:
             {
                 "tokenizer": self.model_id,
                 "corpus": self.freq_corpus_id,
-                "shared_split": self.cfg.heldout_fraction if self.shared_corpus else None,
+                "shared_split": self._split_key,
                 "max_tokens": self.cfg.max_count_tokens,
             },
         )
@@ -201,7 +210,7 @@ class Stages:
         parts: dict[str, Any] = {
             "tokenizer": self.model_id,
             "corpus": self.context_corpus_id,
-            "shared_split": cfg.heldout_fraction if self.shared_corpus else None,
+            "shared_split": self._split_key,
             "window_len": cfg.window_len,
             "bos": cfg.bos,
             "seed": cfg.seed,
