@@ -47,7 +47,7 @@ def _env(pause_at: str | None, marker: Path | None) -> dict[str, str]:
 
 def start(args: list[str], *, pause_at: str | None = None, marker: Path | None = None,
           log: Path | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
-    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "raretoken.cli", *args],
         env=_env(pause_at, marker),

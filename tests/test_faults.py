@@ -227,6 +227,7 @@ def test_interrupt_and_failure_of_the_analyses_are_recorded(
     out, cache = tmp_path / "run", tmp_path / "cache"
     for exc, status, code in ((KeyboardInterrupt(), "interrupted", 130),
                               (RuntimeError("boom"), "failed", None)):  # fmt: skip
+
         def raise_(*a: object, _exc: BaseException = exc, **k: object) -> None:
             raise _exc
 

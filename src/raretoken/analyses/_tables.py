@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from raretoken.storage import atomic_write_text
 from raretoken.stats._common import finite_or_none as opt_float
 from raretoken.stats._common import from_nan_list, frozen, nan_list
+from raretoken.storage import atomic_write_text
 
 __all__ = [
     "csv_text",
