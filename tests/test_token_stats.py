@@ -19,7 +19,9 @@ from raretoken.data.token_stats import (
     Elbow,
     FrequencySplit,
     TokenCounts,
+    check_split,
     count_tokens,
+    diagnose_split,
     find_elbow,
     split_rare_common,
     sweep_percentiles,
@@ -290,7 +292,8 @@ def test_split_known_answer() -> None:
     #              id: 0    1  2  3  4  5  6  7  8   9  10  11  12
     values = np.array([900, 0, 1, 2, 3, 4, 5, 6, 7, 50, 80, 3, 100])
     counts = TokenCounts(values, int(values.sum()), 1, special_ids=(0,))
-    split = split_rare_common(counts, percentile=25, elbow=_elbow_at(3), ties="below")
+    # 9 retained types: far too few for check_split; this tests the split arithmetic only
+    split = split_rare_common(counts, percentile=25, elbow=_elbow_at(3), ties="below", check=False)
     retained = [3, 4, 5, 6, 7, 50, 80, 3, 100]  # ids 4..12 (not special, >= 3)
     threshold = _percentile_linear(retained, 25)
     assert threshold == 4.0
@@ -317,9 +320,12 @@ def test_tie_policies() -> None:
     elbow = _elbow_at(1)
     threshold = _percentile_linear(values.tolist(), 30)
     assert threshold == 3.0
-    below = split_rare_common(counts, percentile=30, elbow=elbow, ties="below")
-    inclusive = split_rare_common(counts, percentile=30, elbow=elbow, ties="at-or-below")
-    nearest = split_rare_common(counts, percentile=30, elbow=elbow)
+    # 10 types: far too few for check_split; these test the tie policies only
+    below = split_rare_common(counts, percentile=30, elbow=elbow, ties="below", check=False)
+    inclusive = split_rare_common(
+        counts, percentile=30, elbow=elbow, ties="at-or-below", check=False
+    )
+    nearest = split_rare_common(counts, percentile=30, elbow=elbow, check=False)
     np.testing.assert_array_equal(below.rare_ids, [0])  # 10 % of types
     np.testing.assert_array_equal(inclusive.rare_ids, [0, 1, 2, 3, 4])  # 50 %
     np.testing.assert_array_equal(nearest.rare_ids, [0])  # |10-30| < |50-30|
@@ -328,9 +334,9 @@ def test_tie_policies() -> None:
     values2 = np.array([3, 3, 3, 3, 9, 10, 11, 12, 13, 14])
     counts2 = TokenCounts(values2, int(values2.sum()), 1, special_ids=())
     with pytest.raises(InsufficientDataError, match="0 rare"):
-        split_rare_common(counts2, percentile=10, elbow=elbow, ties="below")
+        split_rare_common(counts2, percentile=10, elbow=elbow, ties="below", check=False)
     np.testing.assert_array_equal(
-        split_rare_common(counts2, percentile=10, elbow=elbow).rare_ids, [0, 1, 2, 3]
+        split_rare_common(counts2, percentile=10, elbow=elbow, check=False).rare_ids, [0, 1, 2, 3]
     )
     with pytest.raises(ConfigError):
         split_rare_common(counts2, percentile=10, elbow=elbow, ties="random")  # type: ignore[arg-type]
@@ -399,3 +405,200 @@ def test_split_dict_roundtrip() -> None:
     assert "rare_ids" not in summary and summary["n_rare"] == split.n_rare
     with pytest.raises(ConfigError):
         FrequencySplit.from_dict(summary)
+
+
+# ------------------------------------------------------------------ does the split separate?
+
+
+def _zipf(n_types: int, top: float = 1e4, exponent: float = 1.0) -> np.ndarray:
+    return np.round(top / np.arange(1, n_types + 1, dtype=np.float64) ** exponent).astype(np.int64)
+
+
+def _counts(values: np.ndarray, truncated: bool = False) -> TokenCounts:
+    values = np.asarray(values, dtype=np.int64)
+    return TokenCounts(values, int(values.sum()), 1, special_ids=(), truncated=truncated)
+
+
+def test_repeated_sentence_corpus_is_refused() -> None:
+    """The bug report: 2,000 copies of one sentence passed, with 7 of 8 types called rare."""
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    docs = [Document(f"copy/{i}", "The cat sat on the mat.") for i in range(2000)]
+    counts = count_tokens(docs, tok, vocab_size=len(tok), progress=False)
+    seen = counts.counts[counts.counts > 0]
+    assert sorted(seen.tolist()) == [2000] * 7 + [6000]  # 'at' is in 'cat', 'sat', 'mat'
+    # the cause: the 15th percentile (2000) is the lowest count, "below" it is empty, so the
+    # "nearest" tie policy took the whole block of equal counts as rare
+    unchecked = split_rare_common(counts, check=False)
+    assert (unchecked.n_rare, unchecked.n_common, unchecked.rare_max_count) == (7, 1, 2000)
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(counts)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "does not separate token frequencies" in message
+    assert "only 8 token types are left above the frequency elbow (need at least 50)" in message
+    assert (
+        "the 8 types above the elbow take only 2 distinct values (2000, 6000; need at least 20)"
+        in message
+    )
+    assert "7 of the 8 types (88%) would be rare, all with the same count 2000" in message
+    assert "multiple of 2000: the same text repeated?" in message
+    assert "--freq-corpus" in message
+    with pytest.raises(InsufficientDataError, match="does not separate"):
+        check_split(unchecked, counts)
+    with pytest.raises(InsufficientDataError, match="does not separate"):
+        sweep_percentiles(counts)
+    assert len(sweep_percentiles(counts, check=False)) == 5
+
+
+def test_reported_five_of_eight_split_is_refused() -> None:
+    """The run's counts of 'The cat sat on the mat. The cat sat.' x 2,000 (1,813 counted)."""
+    values = np.zeros(20, dtype=np.int64)
+    values[[3, 4, 5, 6, 7]] = 1813  # The, the, on, mat, ' The'
+    values[[8, 9, 10]] = 3626  # cat, sat, '.'
+    counts = TokenCounts(values, int(values.sum()), 1813, special_ids=(0, 1, 2))
+    unchecked = split_rare_common(counts, check=False)
+    assert unchecked.n_rare == 5 and unchecked.n_common == 3 and unchecked.rare_fraction > 0.6
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(counts)
+    message = str(info.value)
+    assert "5 of the 8 types (62%) would be rare, all with the same count 1813" in message
+    assert "at most 40% may be rare at the 15th percentile" in message
+    assert "only 8 token types" in message and "--freq-corpus" in message
+
+
+def test_too_few_types_is_refused() -> None:
+    # a clean Zipf law, but only 30 types: every other criterion passes
+    few = _counts(_zipf(30))
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(few, elbow=_elbow_at(1))
+    message = str(info.value)
+    assert "only 30 token types are left above the frequency elbow" in message
+    assert "distinct" not in message and "clearly below" not in message
+    assert "larger or more varied frequency corpus (--freq-corpus" in message
+    assert "--percentile" not in message  # another percentile cannot help
+    # 50 types are enough
+    enough = split_rare_common(_counts(_zipf(50)), elbow=_elbow_at(1))
+    assert diagnose_split(enough, _counts(_zipf(50))).ok
+
+
+def test_equal_counts_are_refused() -> None:
+    counts = _counts(np.full(200, 7))
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(counts, elbow=_elbow_at(1))
+    message = str(info.value)
+    assert "take only 1 distinct value (7; need at least 20)" in message
+    assert "0 rare and 200 common" in message
+    # two values, the second one count higher (counting stopped inside a copy of the text)
+    values = np.array([2000] * 150 + [2001] * 50)
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(_counts(values, truncated=True), elbow=_elbow_at(1))
+    message = str(info.value)
+    assert "only 2 distinct values (2000, 2001; need at least 20)" in message
+    assert "75%" in message and "raise --max-count-tokens" in message
+
+
+def test_overlapping_counts_are_refused() -> None:
+    # 300 equally likely types: counts differ by sampling noise only
+    values = np.random.default_rng(0).poisson(1000, 300)
+    counts = _counts(values)
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(counts, elbow=_elbow_at(1))
+    message = str(info.value)
+    assert "rare counts are not clearly below the common ones" in message
+    assert "need at least 1.5 times" in message
+    assert "distinct" not in message and "token types are left" not in message
+    assert "or another --percentile" in message
+    diag = diagnose_split(split_rare_common(counts, elbow=_elbow_at(1), check=False), counts)
+    assert not diag.ok and diag.count_ratio < 1.1 and diag.n_distinct_counts >= 20
+
+
+def test_large_block_of_equal_counts_is_refused() -> None:
+    def with_hapaxes(n_hapax: int) -> TokenCounts:
+        return _counts(np.concatenate([np.ones(n_hapax, dtype=np.int64), _zipf(100 - n_hapax)]))
+
+    # 45 % hapaxes: at the 15th percentile "rare" would be all of them
+    with pytest.raises(InsufficientDataError) as info:
+        split_rare_common(with_hapaxes(45), elbow=_elbow_at(1))
+    message = str(info.value)
+    assert "45 of the 100 types (45%) would be rare, all with the same count 1" in message
+    assert "at most 40% may be rare" in message and "or another --percentile" in message
+    assert "distinct" not in message and "clearly below" not in message
+    # ... which is within bounds at the 25th percentile, and 35 % is at the 15th
+    assert split_rare_common(with_hapaxes(45), percentile=25, elbow=_elbow_at(1)).n_rare == 45
+    assert split_rare_common(with_hapaxes(35), elbow=_elbow_at(1)).n_rare == 35
+
+
+def test_zipfian_corpora_pass_the_check(
+    docs: list[Document], tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """The synthetic corpora of the tests pass at every percentile of the robustness sweep."""
+    from pipeline_fixtures import write_corpus
+    from tiny import tiny_tokenizer
+
+    tiny = tiny_tokenizer()
+    path = write_corpus(tmp_path / "corpus.jsonl")
+    lines = path.read_text().splitlines()
+    pipeline_docs = [Document(str(i), json.loads(line)["text"]) for i, line in enumerate(lines)]
+    corpora = {
+        "bpe_fixture": count_tokens(docs, tokenizer, vocab_size=len(tokenizer), progress=False),
+        "pipeline": count_tokens(pipeline_docs, tiny, vocab_size=len(tiny), progress=False),
+        "planted": _counts(planted_counts(4000, 1000, 5.0)),
+        "zipf": _counts(np.floor(1e6 / np.arange(1, 20001)).astype(np.int64)),
+    }
+    for name, counts in corpora.items():
+        for split in sweep_percentiles(counts, (5, 10, 15, 20, 25)):
+            diag = check_split(split, counts)
+            assert diag.ok and diag.message == "", name
+            assert diag.n_retained >= 100 and diag.n_distinct_counts >= 60, name
+            assert diag.rare_fraction <= split.percentile / 100 + 0.02, name
+            assert diag.count_ratio >= 1.9, name  # about 2 for a Zipf exponent of 1
+            json.dumps(diag.to_dict())
+
+
+def test_check_split_api() -> None:
+    counts = _counts(planted_counts(2000, 500, 5.0))
+    split = split_rare_common(counts)
+    diag = check_split(split, counts)
+    assert diag.percentile == 15 and diag.n_rare == split.n_rare
+    assert diag.n_retained == split.n_rare + split.n_common
+    assert diag.rare_max_count == split.rare_max_count
+    common = counts.counts[split.common_ids]
+    assert diag.common_median_count == float(np.median(common))
+    assert diag.count_ratio == pytest.approx(diag.common_median_count / split.rare_max_count)
+    data = json.loads(json.dumps(diag.to_dict()))
+    assert data["problems"] == [] and data["criteria"]["min_retained_types"] == 50
+    with pytest.raises(ConfigError, match="vocabulary"):
+        check_split(split, _counts(counts.counts[:-1]))
+    bad = _counts(np.full(200, 7))
+    assert diagnose_split(split, _counts(counts.counts)).ok
+    with pytest.raises(InsufficientDataError):
+        split_rare_common(bad, elbow=_elbow_at(1))
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_split_check_on_real_tokenized_text() -> None:
+    """Real speeches pass at every percentile of the sweep; repeated sentences are refused."""
+    from transformers import AutoTokenizer
+
+    from raretoken.models.loading import EMBEDDED_FILE, embedded_model_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(embedded_model_path().parent), gguf_file=EMBEDDED_FILE
+        )
+        docs = list(iter_documents(CorpusSpec("embedded", max_documents=60)))
+    except Exception as exc:  # pragma: no cover - environment without the packages
+        pytest.skip(f"real tokenizer or corpus unavailable: {exc}")
+    counts = count_tokens(docs, tok, vocab_size=49152, progress=False)
+    for split in sweep_percentiles(counts):
+        diag = check_split(split, counts)
+        assert diag.n_retained > 1000 and diag.n_distinct_counts > 200
+        assert diag.rare_fraction < split.percentile / 100 + 0.1
+        assert diag.count_ratio > 2.5
+    copies = [Document(str(i), "The cat sat on the mat. The cat sat.") for i in range(2000)]
+    repeated = count_tokens(copies, tok, vocab_size=49152, progress=False)
+    with pytest.raises(InsufficientDataError, match=r"5 of the 8 types .* same count 2000"):
+        split_rare_common(repeated)

@@ -187,7 +187,10 @@ class RunDirectory:
         :class:`StorageError` when it cannot be written.
         """
         path = Path(path)
-        ensure_writable_dir(path, "run directory", _OUT_HINT, create=False)
+        if path.exists() and not path.is_dir():
+            raise StorageError(f"run directory {path} cannot be used: it is a file; {_OUT_HINT}")
+        # the run is staged beside the directory and renamed into place: its parent is written
+        ensure_writable_dir(path.parent, "the parent of the run directory", _OUT_HINT, create=False)
         old = _read_manifest(path)
         if old is not None:
             same_schema = old.get("schema_version") == MANIFEST_SCHEMA
