@@ -32,7 +32,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 from .. import __version__
 from ..errors import RunDirectoryError, StorageError
 from ..storage import atomic_write_json, cache_key, ensure_writable_dir
+from ..storage.stale import is_stale, owner_tag, pid_alive
 
 MANIFEST = "manifest.json"
 #: Version of the manifest's layout; a run directory of another version is refused.
@@ -103,16 +103,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     mf = path / MANIFEST
     if not mf.exists():
@@ -138,29 +128,22 @@ def read_status(path: Path | str) -> str | None:
         status == "running"
         and info.get("host") == socket.gethostname()
         and isinstance(info.get("pid"), int)
-        and not _pid_alive(info["pid"])
+        and not pid_alive(info["pid"])
     ):
         return "interrupted"
     return status if isinstance(status, str) else None
 
 
 def _sibling(path: Path, kind: str) -> Path:
-    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return path.parent / f".{path.name}.{kind}-{tag}"
+    return path.parent / f".{path.name}.{kind}-{owner_tag()}"
 
 
 def _sweep_siblings(path: Path) -> None:
     """Remove staging/old directories left beside ``path`` by killed runs on this host."""
-    host = socket.gethostname()
     for kind in ("staging", "old"):
-        for p in path.parent.glob(f".{path.name}.{kind}-*"):
-            tag = p.name[len(f".{path.name}.{kind}-") :]
-            parts = tag.split("-")
-            try:
-                pid = int(parts[-2])
-            except (IndexError, ValueError):
-                continue
-            if "-".join(parts[:-2]) == host and not _pid_alive(pid):
+        prefix = f".{path.name}.{kind}-"
+        for p in path.parent.glob(prefix + "*"):
+            if is_stale(p.name[len(prefix) :]):
                 shutil.rmtree(p, ignore_errors=True)
 
 

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+from .stale import is_stale, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class DamagedEntry(Exception):
     """An entry that failed verification (internal: the cache discards it)."""
 
@@ -130,7 +121,7 @@ class EntryWriter:
             parent = cache.root / stage
             parent.mkdir(parents=True, exist_ok=True)
             cache.sweep_stale(parent)
-            name = f".tmp-{key[:16]}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            name = f".tmp-{key[:16]}-{owner_tag()}"
             self.tmp = parent / name
             self.tmp.mkdir()
 
@@ -320,14 +311,8 @@ class ArrayCache:
 
     def sweep_stale(self, parent: Path) -> None:
         """Remove temporary directories left by killed runs on this host."""
-        host = socket.gethostname()
         for p in parent.glob(".tmp-*"):
-            parts = p.name.split("-")
-            try:
-                pid = int(parts[-2])
-            except (IndexError, ValueError):
-                continue
-            if "-".join(parts[2:-2]) == host and not _pid_alive(pid):
+            if is_stale(p.name.split("-", 2)[-1]):
                 shutil.rmtree(p, ignore_errors=True)
         for p in parent.glob(".trash-*"):
             shutil.rmtree(p, ignore_errors=True)
