@@ -27,7 +27,7 @@ def test_identification_on_smollm2_slice(tmp_path: Path) -> None:
             "corpus": "embedded:wiki",
             "max_count_tokens": 400_000,
             "sampling": "until_rare",
-            "n_rare": 6,
+            "n_rare": 10,
             "window_len": 128,
             "reference_windows": 2,
             "n_boot": 0,
@@ -35,7 +35,7 @@ def test_identification_on_smollm2_slice(tmp_path: Path) -> None:
     )
     res = identify(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
     assert res.neurons.delta_rare.shape == (1536,)
-    assert len(res.rare_positions) >= 6
+    assert len(res.rare_positions) >= 10
     assert (tmp_path / "run" / "figures" / "rank_curve.png").exists()
     # the fast method agrees with per-neuron recomputation of norm + unembedding on the real model
     lm = res.stages.loaded
