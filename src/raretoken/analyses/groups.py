@@ -18,7 +18,7 @@ stored sorted by neuron id.
 Re-splitting
 ------------
 :func:`split_positions` re-splits the vocabulary at another percentile with
-:func:`raretoken.data.token_stats.split_rare_common` (same counts, same elbow and tie policy
+:func:`raretoken.data.split.split_rare_common` (same counts, same elbow and tie policy
 as the identification) and maps it onto the scored positions: row ``i`` of ``ident.acts`` is
 rare when its target token is rare. :func:`group_for_split` re-derives a group for such a
 split: the plateau of :func:`raretoken.stats.regimes.fit_regimes` on the mean ``|ΔL|`` over
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from raretoken.data.token_stats import FrequencySplit, split_rare_common
+from raretoken.data.split import FrequencySplit, split_rare_common
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.stats.baselines import random_groups
 from raretoken.stats.regimes import fit_regimes

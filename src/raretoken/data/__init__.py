@@ -9,6 +9,8 @@ from raretoken.data.corpus import (
     iter_documents,
     require_nonempty,
 )
+from raretoken.data.counting import TokenCounts, count_tokens
+from raretoken.data.elbow import Elbow, find_elbow
 from raretoken.data.heldout import (
     PASSAGE_CHARS,
     heldout_description,
@@ -23,15 +25,7 @@ from raretoken.data.sampling import (
     sample_until_rare,
     sample_windows,
 )
-from raretoken.data.token_stats import (
-    Elbow,
-    FrequencySplit,
-    TokenCounts,
-    count_tokens,
-    find_elbow,
-    split_rare_common,
-    sweep_percentiles,
-)
+from raretoken.data.split import FrequencySplit, split_rare_common, sweep_percentiles
 
 __all__ = [
     "PASSAGE_CHARS",

@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 
 from raretoken._rng import as_generator
 from raretoken.data.corpus import Document, require_nonempty
+from raretoken.data.counting import Tokenizer, encode_batch
 from raretoken.data.heldout import is_heldout as is_heldout
 from raretoken.data.heldout import select_documents as select_documents
 from raretoken.data.heldout import split_documents as split_documents
-from raretoken.data.token_stats import FrequencySplit, Tokenizer, encode_batch
+from raretoken.data.split import FrequencySplit
 from raretoken.errors import ConfigError, InsufficientDataError
 
 logger = logging.getLogger(__name__)

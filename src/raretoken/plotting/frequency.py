@@ -10,7 +10,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..data.token_stats import FrequencySplit, TokenCounts
+from ..data.counting import TokenCounts
+from ..data.split import FrequencySplit
 
 
 @dataclass
