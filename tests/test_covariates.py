@@ -1,0 +1,535 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
+from raretoken.models.adapters import adapter_for
+from raretoken.models.hooks import capture_input
+from raretoken.stats.baselines import random_groups
+from raretoken.stats.covariates import (
+    MatchedGroups,
+    NeuronCovariates,
+    default_null_space_k,
+    matched_random_groups,
+    neuron_covariates,
+    unembedding_null_space,
+)
+from tiny import tiny_model
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    return q
+
+
+def reference(
+    w_out: np.ndarray,
+    gamma: np.ndarray,
+    w_u: np.ndarray,
+    *,
+    layernorm: bool,
+    k: int,
+    log_freq: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Straightforward implementation: the full (V, d_mlp) projection matrix and a full SVD."""
+    w = w_out - w_out.mean(axis=1, keepdims=True) if layernorm else w_out
+    p = w_u @ (w * gamma).T
+    p = p - p.mean(axis=0)
+    out = {
+        "vocab_kurtosis": scipy.stats.kurtosis(p, axis=0, fisher=False, bias=True),
+        "vocab_skew": scipy.stats.skew(p, axis=0, bias=True),
+    }
+    if log_freq is not None:
+        s = np.isfinite(log_freq)
+        out["unigram_cosine"] = np.array(
+            [np.corrcoef(p[s, i], log_freq[s])[0, 1] for i in range(p.shape[1])]
+        )
+    d = w_u.shape[1]
+    w_eff = (w_u - w_u.mean(axis=0)) * gamma
+    if layernorm:
+        w_eff = w_eff @ (np.eye(d) - np.full((d, d), 1.0 / d))
+    _, s_vals, vt = np.linalg.svd(w_eff, full_matrices=False)
+    if layernorm:  # the mean direction is an exact null direction: not counted
+        ones = np.ones(d) / np.sqrt(d)
+        assert abs(vt[-1] @ ones) > 1 - 1e-8 and s_vals[-1] < 1e-8 * s_vals[0]
+        vt, s_vals = vt[:-1], s_vals[:-1]
+    null = vt[-k:]
+    out["null_space_fraction"] = ((w @ null.T) ** 2).sum(axis=1) / (w**2).sum(axis=1)
+    out["singular_values"] = s_vals
+    return out
+
+
+def small_inputs(seed: int = 0, v: int = 50, d: int = 6, d_mlp: int = 5) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w_out": rng.normal(size=(d_mlp, d)),
+        "w_in": {"in": rng.normal(size=(d_mlp, d))},
+        "norm_weight": 1.0 + 0.3 * rng.normal(size=d),
+        "W_U": rng.normal(size=(v, d)),
+        "acts": rng.normal(size=(20, d_mlp)),
+    }
+
+
+# ------------------------------------------------------------------ covariates: known answers
+
+
+def test_null_space_known_answer_rmsnorm() -> None:
+    rng = np.random.default_rng(0)
+    v, d = 40, 6
+    # token-side orthonormal columns orthogonal to the all-ones vector (centring leaves them)
+    u = np.linalg.qr(np.column_stack([np.ones(v), rng.normal(size=(v, d))]))[0][:, 1:]
+    q = orthonormal(rng, d, d)
+    s = np.array([10.0, 8.0, 6.0, 4.0, 2.0, 0.5])
+    gamma = rng.uniform(0.5, 2.0, size=d)
+    # W_eff = (W_U - mean) diag(gamma) = u diag(s) qᵀ, plus a constant row the centring removes
+    w_u = (u * s) @ q.T / gamma + np.outer(np.ones(v), rng.normal(size=d))
+    w_out = np.stack(
+        [3.0 * q[:, -1], q[:, 0], 2.0 * q[:, -1] + q[:, 0], q[:, -2], np.zeros(d)], axis=0
+    )
+    acts = rng.normal(size=(4, 5))
+    cov = neuron_covariates(w_out, {}, gamma, w_u, acts, None, 1, norm_kind="rmsnorm")
+    np.testing.assert_allclose(cov.unembed_singular_values, s, rtol=1e-10)
+    np.testing.assert_allclose(cov.null_space_fraction[:4], [1.0, 0.0, 0.8, 0.0], atol=1e-12)
+    assert np.isnan(cov.null_space_fraction[4])  # zero vector
+    assert np.isnan(cov.vocab_kurtosis[4]) and np.isnan(cov.vocab_skew[4])
+    np.testing.assert_allclose(cov.w_out_norm, [3.0, 1.0, np.sqrt(5.0), 1.0, 0.0], atol=1e-12)
+    cov2 = neuron_covariates(w_out, {}, gamma, w_u, acts, None, 2)
+    np.testing.assert_allclose(cov2.null_space_fraction[:4], [1.0, 0.0, 0.8, 1.0], atol=1e-12)
+    assert cov2.null_space_k == 2 and cov.null_space_k == 1
+    basis, sv = unembedding_null_space(w_u, gamma, k=2)
+    np.testing.assert_allclose(basis @ basis.T, q[:, -2:] @ q[:, -2:].T, atol=1e-10)
+    np.testing.assert_allclose(sv, s, rtol=1e-10)
+
+
+def test_null_space_known_answer_layernorm_ignores_the_mean_direction() -> None:
+    rng = np.random.default_rng(1)
+    v, d = 50, 7
+    u = np.linalg.qr(np.column_stack([np.ones(v), rng.normal(size=(v, d - 1))]))[0][:, 1:]
+    # residual-side directions orthogonal to the all-ones vector
+    q = np.linalg.qr(np.column_stack([np.ones(d), rng.normal(size=(d, d - 1))]))[0][:, 1:]
+    s = np.array([9.0, 7.0, 5.0, 3.0, 2.0, 0.1])
+    gamma = rng.uniform(0.5, 2.0, size=d)
+    w_u = (u * s) @ q.T / gamma
+    base = np.stack([q[:, -1], q[:, 0], q[:, -1] + 2.0 * q[:, 1]])
+    shifted = base + np.array([[5.0], [-3.0], [0.7]])  # a constant that LayerNorm removes
+    acts = rng.normal(size=(4, 3))
+    lf = rng.normal(size=v)
+    ln = neuron_covariates(shifted, {}, gamma, w_u, acts, lf, 1, norm_kind="layernorm")
+    np.testing.assert_allclose(ln.null_space_fraction, [1.0, 0.0, 0.2], atol=1e-12)
+    np.testing.assert_allclose(ln.unembed_singular_values, s, rtol=1e-10)
+    ref = neuron_covariates(base, {}, gamma, w_u, acts, lf, 1, norm_kind="layernorm")
+    for name in ("vocab_kurtosis", "vocab_skew", "unigram_cosine", "null_space_fraction"):
+        np.testing.assert_allclose(getattr(ln, name), getattr(ref, name), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(ln.w_out_norm, ref.w_out_norm)  # raw norm: not centred
+    # without the LayerNorm centring the all-ones component is part of the vector (and the
+    # all-ones direction, an exact null direction of this W_U, is the k=1 null space)
+    rms = neuron_covariates(shifted, {}, gamma, w_u, acts, lf, 1, norm_kind="rmsnorm")
+    assert rms.null_space_fraction[0] == pytest.approx(25 * d / (1 + 25 * d), rel=1e-9)
+
+
+def test_vocab_moments_match_scipy_and_planted_tails() -> None:
+    rng = np.random.default_rng(2)
+    v, d = 300, 8
+    w_u = rng.standard_t(df=3, size=(v, d))
+    w_u[0] = 0.0
+    w_u[0, 0] = 60.0  # one token far out along e_0
+    gamma = rng.uniform(0.5, 1.5, size=d)
+    w_out = rng.normal(size=(6, d))
+    w_out[0] = np.eye(d)[0]
+    w_out[1] = -2.5 * np.eye(d)[0]
+    acts = rng.normal(size=(10, 6))
+    cov = neuron_covariates(w_out, {}, gamma, w_u, acts, None, 2, norm_kind="rmsnorm")
+    ref = reference(w_out, gamma, w_u, layernorm=False, k=2)
+    np.testing.assert_allclose(cov.vocab_kurtosis, ref["vocab_kurtosis"], rtol=1e-10)
+    np.testing.assert_allclose(cov.vocab_skew, ref["vocab_skew"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cov.null_space_fraction, ref["null_space_fraction"], rtol=1e-9)
+    # the planted token makes e_0's projection heavy-tailed and right-skewed; -e_0 mirrors it
+    assert cov.vocab_kurtosis[0] > 50 and cov.vocab_skew[0] > 5
+    assert cov.vocab_kurtosis[1] == pytest.approx(cov.vocab_kurtosis[0], rel=1e-12)
+    assert cov.vocab_skew[1] == pytest.approx(-cov.vocab_skew[0], rel=1e-12)
+    # chunking does not change the answer (about 1-3 vocabulary rows per chunk)
+    tiny_chunks = neuron_covariates(
+        w_out, {}, gamma, w_u, acts, None, 2, norm_kind="rmsnorm", chunk_elements=17
+    )
+    for name in ("vocab_kurtosis", "vocab_skew", "null_space_fraction"):
+        np.testing.assert_allclose(getattr(tiny_chunks, name), getattr(cov, name), rtol=1e-9)
+
+
+def test_unigram_cosine_planted_direction_and_unseen_tokens() -> None:
+    rng = np.random.default_rng(3)
+    v, d = 200, 6
+    log_freq = np.log(1.0 / np.arange(1, v + 1))  # Zipf
+    unseen = rng.choice(v, size=10, replace=False)
+    log_freq[unseen] = -np.inf
+    seen = np.isfinite(log_freq)
+    lc = log_freq[seen] - log_freq[seen].mean()
+    w_u = rng.normal(size=(v, d))
+    w_u[seen, 0] = 3.0 * log_freq[seen] + 7.0  # the frequency direction on e_0
+    w_u[unseen, 0] = 1e3 * rng.normal(size=unseen.size)  # junk the cosine must ignore
+    c = rng.normal(size=seen.sum())  # e_1: centred and orthogonal to the frequency direction
+    c -= c.mean()
+    c -= (c @ lc) / (lc @ lc) * lc
+    w_u[seen, 1] = c
+    gamma = np.array([2.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    e = np.eye(d)
+    w_out = np.stack([e[0], -e[0], e[1], e[0] + e[1], 0.1 * rng.normal(size=d)])
+    acts = rng.normal(size=(5, 5))
+    cov = neuron_covariates(w_out, {}, gamma, w_u, acts, log_freq, norm_kind="rmsnorm")
+    assert cov.unigram_cosine is not None and cov.n_unigram_tokens == v - 10
+    a, b = 2.0 * 3.0 * np.linalg.norm(lc), 0.5 * np.linalg.norm(c)
+    expected = [1.0, -1.0, 0.0, a / np.hypot(a, b)]
+    np.testing.assert_allclose(cov.unigram_cosine[:4], expected, atol=1e-10)
+    ref = reference(w_out, gamma, w_u, layernorm=False, k=1, log_freq=log_freq)
+    np.testing.assert_allclose(cov.unigram_cosine, ref["unigram_cosine"], atol=1e-10)
+    # other junk in the unseen rows: same cosines (the moments use every token and change)
+    w_u2 = w_u.copy()
+    w_u2[unseen, 0] = -5e2 * rng.normal(size=unseen.size)
+    cov2 = neuron_covariates(w_out, {}, gamma, w_u2, acts, log_freq, norm_kind="rmsnorm")
+    assert cov2.unigram_cosine is not None
+    np.testing.assert_allclose(cov2.unigram_cosine, cov.unigram_cosine, atol=1e-10)
+    assert not np.allclose(cov2.vocab_kurtosis[:2], cov.vocab_kurtosis[:2])
+    # the log base does not matter
+    cov10 = neuron_covariates(w_out, {}, gamma, w_u, acts, log_freq / np.log(10.0))
+    assert cov10.unigram_cosine is not None
+    np.testing.assert_allclose(cov10.unigram_cosine, cov.unigram_cosine, atol=1e-12)
+    no_freq = neuron_covariates(w_out, {}, gamma, w_u, acts)
+    assert no_freq.unigram_cosine is None and "unigram_cosine" not in no_freq.columns()
+    bad = log_freq.copy()
+    bad[0] = np.nan
+    with pytest.raises(NumericalError):
+        neuron_covariates(w_out, {}, gamma, w_u, acts, bad)
+    bad[0] = np.inf
+    with pytest.raises(NumericalError):
+        neuron_covariates(w_out, {}, gamma, w_u, acts, bad)
+    with pytest.raises(ConfigError):
+        neuron_covariates(w_out, {}, gamma, w_u, acts, log_freq[:-1])
+    one_seen = np.full(v, -np.inf)
+    one_seen[0] = -1.0
+    with pytest.raises(InsufficientDataError):
+        neuron_covariates(w_out, {}, gamma, w_u, acts, one_seen)
+
+
+def test_activation_moments_chunked_memmap_equals_in_memory(tmp_path: Any) -> None:
+    rng = np.random.default_rng(4)
+    n, d_mlp = 1001, 7
+    acts = rng.normal(size=(n, d_mlp)).astype(np.float32)
+    acts[:, 1] = np.maximum(acts[:, 1], 0.0)  # ReLU-like: exact zeros are not positive
+    acts[:, 2] = -np.abs(acts[:, 2])
+    acts[:, 3] = 0.0
+    acts[:, 4] += np.float32(3e4)  # a large offset: the chunked variance must stay accurate
+    path = tmp_path / "acts.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d_mlp))
+    mm[:] = acts
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float32, mode="r", shape=(n, d_mlp))
+    base = small_inputs(d_mlp=d_mlp)
+    base.pop("acts")
+    chunked = neuron_covariates(acts=ro, chunk_elements=64 * d_mlp, **base)
+    whole = neuron_covariates(acts=acts, **base)
+    as_tensor = neuron_covariates(acts=torch.from_numpy(acts), **base)
+    a64 = acts.astype(np.float64)
+    expected = {
+        "act_mean": a64.mean(axis=0),
+        "act_abs_mean": np.abs(a64).mean(axis=0),
+        "act_var": a64.var(axis=0),
+        "act_frac_positive": (a64 > 0).mean(axis=0),
+    }
+    for name, ref in expected.items():
+        for cov in (chunked, whole, as_tensor):
+            np.testing.assert_allclose(getattr(cov, name), ref, rtol=1e-10, atol=1e-12)
+    assert chunked.n_positions == n
+    assert chunked.act_frac_positive[1] < 0.6 and chunked.act_frac_positive[2] == 0.0
+    assert chunked.act_var[3] == 0.0 and chunked.act_frac_positive[3] == 0.0
+    nan_acts = acts.copy()
+    nan_acts[500, 0] = np.nan
+    with pytest.raises(NumericalError):
+        neuron_covariates(acts=nan_acts, chunk_elements=64 * d_mlp, **base)
+    with pytest.raises(InsufficientDataError):
+        neuron_covariates(acts=np.empty((0, d_mlp)), **base)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_tiny_models_match_a_straightforward_implementation(
+    family: str, input_ids: torch.Tensor
+) -> None:
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    w_out = adapter.w_out(-1)
+    d_mlp, d_model = adapter.dims.d_mlp, adapter.dims.d_model
+    assert tuple(w_out.shape) == (d_mlp, d_model)
+    w_in = adapter.mlp_in_weights(-1)
+    norm = adapter.final_norm()
+    w_u, _ = adapter.unembedding()
+    with torch.no_grad(), capture_input(adapter.mlp_out_proj(-1)) as captured:
+        model(input_ids)
+    acts = captured[0].reshape(-1, d_mlp)
+    rng = np.random.default_rng(5)
+    counts = rng.poisson(3.0, size=w_u.shape[0]).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_freq = np.log(counts / counts.sum())  # zero counts: -inf (unseen)
+    assert np.isinf(log_freq).any()
+    k = 3
+    cov = neuron_covariates(
+        w_out, w_in, norm.weight, w_u, acts, log_freq, k, norm_kind=norm.kind, chunk_elements=500
+    )
+    wo = w_out.numpy()
+    gamma = norm.weight.numpy()
+    ref = reference(wo, gamma, w_u.numpy(), layernorm=norm.kind == "layernorm", k=k,
+                    log_freq=log_freq)  # fmt: skip
+    for name in ("vocab_kurtosis", "vocab_skew", "unigram_cosine", "null_space_fraction"):
+        np.testing.assert_allclose(getattr(cov, name), ref[name], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cov.unembed_singular_values, ref["singular_values"], rtol=1e-8)
+    np.testing.assert_allclose(cov.w_out_norm, np.linalg.norm(wo, axis=1), rtol=1e-12)
+    expected_names = {"gpt2": {"in"}, "neox": {"in"}, "llama": {"up", "gate"}}[family]
+    assert set(cov.w_in_norm) == expected_names
+    for name, mat in w_in.items():
+        np.testing.assert_allclose(cov.w_in_norm[name], np.linalg.norm(mat.numpy(), axis=1))
+        assert f"w_in_norm_{name}" in cov.columns()
+    a = acts.numpy()
+    np.testing.assert_allclose(cov.act_mean, a.mean(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cov.act_var, a.var(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cov.act_frac_positive, (a > 0).mean(axis=0))
+    assert cov.n_positions == input_ids.numel()
+
+    # The vocabulary projection is the neuron's direct logit effect through the real final
+    # norm and LM head: for a residual x orthogonal to (C w) (and centred for a LayerNorm) the
+    # norm's scale is stationary, so d logits / d eps = W_U (γ ⊙ C w) / σ(x).
+    i = 0
+    w = w_out[i]
+    cw = w - w.mean() if norm.kind == "layernorm" else w
+    x = torch.from_numpy(rng.normal(size=d_model))
+    if norm.kind == "layernorm":
+        x = x - x.mean()
+    x = x - (x @ cw) / (cw @ cw) * cw
+    eps = 1e-4
+    diff = (norm.apply(x + eps * w) - norm.apply(x - eps * w)) @ w_u.T / (2 * eps)
+    diff = diff.numpy() - diff.numpy().mean()
+    proj = w_u.numpy() @ (gamma * cw.numpy())
+    proj -= proj.mean()
+    cosine = diff @ proj / (np.linalg.norm(diff) * np.linalg.norm(proj))
+    assert cosine > 1 - 1e-8
+    assert scipy.stats.kurtosis(diff, fisher=False) == pytest.approx(
+        cov.vocab_kurtosis[i], rel=1e-5
+    )
+
+
+def test_columns_roundtrip_and_read_only() -> None:
+    inputs = small_inputs()
+    inputs["w_in"] = {"up": np.ones((5, 6)), "gate": 2 * np.ones((5, 6))}
+    lf = np.log(np.arange(1.0, 51.0))
+    cov = neuron_covariates(**inputs, unigram_log_freq=lf)
+    assert list(cov.columns()) == [
+        "w_out_norm",
+        "w_in_norm_up",
+        "w_in_norm_gate",
+        "act_mean",
+        "act_abs_mean",
+        "act_var",
+        "act_frac_positive",
+        "vocab_kurtosis",
+        "vocab_skew",
+        "unigram_cosine",
+        "null_space_fraction",
+    ]
+    assert all(col.shape == (5,) for col in cov.columns().values())
+    np.testing.assert_allclose(cov.w_in_norm["gate"], 2 * np.sqrt(6.0))
+    assert cov.n_neurons == 5 and cov.null_space_k == default_null_space_k(6) == 1
+    back = NeuronCovariates.from_dict(json.loads(json.dumps(cov.to_dict())))
+    for name, col in cov.columns().items():
+        np.testing.assert_array_equal(back.columns()[name], col)
+    np.testing.assert_array_equal(back.unembed_singular_values, cov.unembed_singular_values)
+    assert back.n_unigram_tokens == 50 and back.norm_kind is None
+    with pytest.raises(ValueError):
+        cov.w_out_norm[0] = 1.0
+    assert default_null_space_k(4096) == 40 and default_null_space_k(576) == 5
+
+
+def test_covariate_input_errors() -> None:
+    good = small_inputs()
+    cases: list[tuple[dict[str, Any], type[Exception]]] = [
+        ({"w_out": np.ones(6)}, ConfigError),
+        ({"w_in": {"in": np.ones((4, 6))}}, ConfigError),
+        ({"w_in": {"a-b": np.ones((5, 6))}}, ConfigError),
+        ({"norm_weight": np.ones(5)}, ConfigError),
+        ({"W_U": np.ones((50, 5))}, ConfigError),
+        ({"acts": np.ones((20, 4))}, ConfigError),
+        ({"null_fraction_k": 0}, ConfigError),
+        ({"null_fraction_k": 6}, ConfigError),
+        ({"norm_kind": "batchnorm"}, ConfigError),
+        ({"w_out": np.full((5, 6), np.nan)}, NumericalError),
+        ({"W_U": np.full((50, 6), np.inf)}, NumericalError),
+    ]
+    for change, err in cases:
+        with pytest.raises(err):
+            neuron_covariates(**{**good, **change})
+    # LayerNorm leaves d_model - 1 directions: k = d_model - 1 is then out of range too
+    with pytest.raises(ConfigError):
+        neuron_covariates(**good, null_fraction_k=5, norm_kind="layernorm")
+    assert neuron_covariates(**good, null_fraction_k=5).null_space_k == 5
+
+
+# --------------------------------------------------------------------------- matched groups
+
+
+def codes_of(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Independent quantile-bin codes: the number of inner quantile edges <= x."""
+    edges = np.quantile(x, np.arange(1, n_bins) / n_bins)
+    return (x[:, None] >= edges[None, :]).sum(axis=1)
+
+
+def check_valid(res: MatchedGroups, n: int, exclude: np.ndarray | None = None) -> None:
+    g = res.groups
+    exclude = np.empty(0, dtype=np.int64) if exclude is None else exclude
+    assert g.dtype == np.int64 and g.shape[1] == res.group.size
+    assert ((g >= 0) & (g < n)).all()
+    assert not np.isin(g, res.group).any() and not np.isin(g, exclude).any()
+    assert all(np.unique(row).size == row.size for row in g)  # no repeats within a group
+
+
+def test_matched_controls_share_their_members_cells() -> None:
+    rng = np.random.default_rng(6)
+    n = 3000
+    a = rng.lognormal(size=n)
+    b = 0.5 * np.log(a) + rng.normal(size=n)
+    group = rng.choice(n, size=12, replace=False)
+    res = matched_random_groups(group, {"a": a, "b": b}, 200, seed=0, n_bins=4)
+    check_valid(res, n)
+    assert res.n_coarsened == 0 and not res.levels.any()
+    np.testing.assert_array_equal(res.group, np.sort(group))
+    for x in (a, b):
+        codes = codes_of(x, 4)
+        np.testing.assert_array_equal(
+            codes[res.groups], np.broadcast_to(codes[res.group], res.groups.shape)
+        )
+    assert all(np.unique(res.groups[:, j]).size > 50 for j in range(12))  # not one fixed control
+    assert res.n_pool == n - 12 and (res.n_candidates > 100).all()
+
+
+def test_matched_draws_are_uniform_within_the_cell() -> None:
+    x = np.arange(200.0)
+    res = matched_random_groups([10], {"x": x}, 4950, seed=1, n_bins=2)
+    counts = np.bincount(res.groups[:, 0], minlength=200)
+    assert counts[100:].sum() == 0  # the other half is never drawn
+    cell = np.delete(counts[:100], 10)
+    expected = 4950 / 99
+    assert counts[10] == 0 and np.abs(cell - expected).max() < 5 * np.sqrt(expected)
+
+
+def test_matching_removes_a_planted_confound_that_uniform_groups_keep() -> None:
+    rng = np.random.default_rng(7)
+    n = 2000
+    norm = rng.normal(size=n)  # confounder (e.g. output-weight norm)
+    act = rng.normal(size=n)
+    p = np.exp(1.5 * norm)
+    group = rng.choice(n, size=30, replace=False, p=p / p.sum())
+    covs = {"w_out_norm": norm, "act_abs_mean": act}
+    res = matched_random_groups(group, covs, 300, seed=2, n_bins=10)
+    sd = norm.std(ddof=1)
+    uniform = random_groups(np.arange(n), 30, 300, exclude=group, seed=3)
+    smd_uniform = (norm[group].mean() - norm[uniform].mean()) / sd
+    bal = res.balance_table()["w_out_norm"]
+    assert smd_uniform > 1.0
+    # within-bin differences remain (the group sits in the upper tail of the top bins)
+    assert abs(bal["smd_matched"]) < 0.25 * smd_uniform
+    assert bal["group_mean"] == pytest.approx(norm[group].mean())
+    assert bal["matched_mean"] == pytest.approx(norm[res.groups].mean())
+    assert bal["all_mean"] == pytest.approx(norm.mean()) and bal["all_sd"] == pytest.approx(sd)
+    assert bal["smd_all"] == pytest.approx((norm[group].mean() - norm.mean()) / sd)
+    assert abs(res.balance_table()["act_abs_mean"]["smd_matched"]) < 0.25
+    check_valid(res, n)
+
+
+def test_matched_groups_reproducible_and_serialisable() -> None:
+    rng = np.random.default_rng(8)
+    cov = {"x": rng.normal(size=500), "y": rng.normal(size=500)}
+    a = matched_random_groups([1, 5, 9, 40], cov, 50, seed=11)
+    b = matched_random_groups([40, 9, 5, 1], cov, 50, seed=11)
+    c = matched_random_groups([1, 5, 9, 40], cov, 50, seed=12)
+    np.testing.assert_array_equal(a.groups, b.groups)
+    assert not np.array_equal(a.groups, c.groups)
+    g1 = matched_random_groups([1, 5], cov, 5, seed=np.random.default_rng(3))
+    g2 = matched_random_groups([1, 5], cov, 5, seed=np.random.default_rng(3))
+    np.testing.assert_array_equal(g1.groups, g2.groups)
+    back = MatchedGroups.from_dict(json.loads(json.dumps(a.to_dict())))
+    np.testing.assert_array_equal(back.groups, a.groups)
+    np.testing.assert_array_equal(back.levels, a.levels)
+    assert back.balance == a.balance and back.covariate_names == ("x", "y")
+    for e1, e2 in zip(back.bin_edges, a.bin_edges, strict=True):
+        np.testing.assert_array_equal(e1, e2)
+    with pytest.raises(ValueError):
+        a.groups[0, 0] = 3
+
+
+def test_coarsening_fallback_follows_the_priority_order() -> None:
+    n = 40
+    a = np.arange(n, dtype=float)  # quantile bins of 2: ids < 20 and >= 20
+    b = (np.arange(n) % 2).astype(float)  # even / odd
+    group = np.arange(0, 18, 2)  # 9 even ids < 20: their cell (a<20, even) has 1 candidate
+    res = matched_random_groups(group, {"a": a, "b": b}, 100, seed=4, n_bins=2)
+    check_valid(res, n)
+    assert res.n_coarsened == 9
+    np.testing.assert_array_equal(res.levels, np.tile([0, 1], (9, 1)))  # b, listed last, first
+    assert (res.groups < 20).all()  # a kept: controls from the same half
+    assert (res.n_candidates == 11).all()
+    flipped = matched_random_groups(group, {"b": b, "a": a}, 100, seed=4, n_bins=2)
+    np.testing.assert_array_equal(flipped.levels, np.tile([0, 1], (9, 1)))
+    assert (flipped.groups % 2 == 0).all()  # b kept: even controls, from both halves
+    assert (flipped.groups >= 20).any()
+    # unchanged with cells large enough
+    ok = matched_random_groups([0, 2], {"a": a, "b": b}, 100, seed=4, n_bins=2)
+    assert ok.n_coarsened == 0 and ((ok.groups < 20) & (ok.groups % 2 == 0)).all()
+
+
+def test_matched_groups_never_run_out_of_candidates() -> None:
+    """Random small, tied, crowded configurations: every draw stays valid and in its cell."""
+    rng = np.random.default_rng(9)
+    for trial in range(60):
+        n = int(rng.integers(12, 60))
+        n_cov = int(rng.integers(1, 4))
+        n_bins = int(rng.integers(1, 7))
+        cov = {f"c{j}": rng.integers(0, 4, size=n).astype(float) for j in range(n_cov)}
+        size = int(rng.integers(1, n // 2 + 1))
+        group = rng.choice(n, size=size, replace=False)
+        excl = rng.choice(n, size=int(rng.integers(0, n - 2 * size + 1)), replace=False)
+        res = matched_random_groups(group, cov, 15, seed=trial, n_bins=n_bins, exclude=excl)
+        check_valid(res, n, np.setdiff1d(excl, group))
+        for j, x in enumerate(cov.values()):
+            codes = codes_of(x, n_bins) if n_bins > 1 else np.zeros(n, dtype=int)
+            lvl = res.levels[:, j]
+            np.testing.assert_array_equal(
+                codes[res.groups] >> lvl, np.broadcast_to(codes[res.group] >> lvl, res.groups.shape)
+            )
+
+
+def test_matched_exclude_and_bad_inputs() -> None:
+    x = np.arange(100.0)
+    res = matched_random_groups([3, 50], {"x": x}, 40, seed=0, exclude=[*range(0, 20), 500, -1])
+    check_valid(res, 100, np.arange(20))
+    bad: list[tuple[dict[str, Any], type[Exception]]] = [
+        ({"group_ids": [3, 100]}, ConfigError),
+        ({"group_ids": [-1]}, ConfigError),
+        ({"group_ids": [3, 3]}, ConfigError),
+        ({"group_ids": []}, ConfigError),
+        ({"group_ids": [1.0, 2.0]}, ConfigError),
+        ({"covariates": {"x": x, "y": np.arange(99.0)}}, ConfigError),
+        ({"covariates": {"x": np.where(x == 7, np.nan, x)}}, ConfigError),
+        ({"covariates": {"x": x.reshape(10, 10)}}, ConfigError),
+        ({"covariates": {}}, ConfigError),
+        ({"n_groups": 0}, ConfigError),
+        ({"n_bins": 0}, ConfigError),
+        ({"seed": None}, ConfigError),
+        ({"group_ids": list(range(60))}, InsufficientDataError),
+        ({"exclude": list(range(3, 100))}, InsufficientDataError),
+    ]
+    base: dict[str, Any] = {"group_ids": [1, 2], "covariates": {"x": x}, "n_groups": 5, "seed": 0}
+    for change, err in bad:
+        with pytest.raises(err):
+            matched_random_groups(**{**base, **change})
