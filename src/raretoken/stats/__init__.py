@@ -16,11 +16,20 @@ if TYPE_CHECKING:
     from .baselines import BaselineComparison as BaselineComparison
     from .baselines import compare_to_random as compare_to_random
     from .baselines import random_groups as random_groups
+    from .cluster_bootstrap import RatioInterval as RatioInterval
+    from .cluster_bootstrap import ratio_interval as ratio_interval
+    from .covariates import NeuronCovariates as NeuronCovariates
+    from .covariates import default_null_space_k as default_null_space_k
+    from .covariates import neuron_covariates as neuron_covariates
+    from .covariates import unembedding_null_space as unembedding_null_space
     from .effective_dim import EffectiveDimension as EffectiveDimension
     from .effective_dim import effective_dimension as effective_dimension
     from .hill import HillFit as HillFit
     from .hill import group_spectrum as group_spectrum
     from .hill import hill_alpha as hill_alpha
+    from .matching import CovariateBalance as CovariateBalance
+    from .matching import MatchedGroups as MatchedGroups
+    from .matching import matched_random_groups as matched_random_groups
     from .modularity import ModularityResult as ModularityResult
     from .modularity import louvain_modularity as louvain_modularity
     from .modularity import mi_graph as mi_graph
@@ -36,6 +45,11 @@ if TYPE_CHECKING:
     from .regimes import bootstrap_regimes as bootstrap_regimes
     from .regimes import fit_regimes as fit_regimes
     from .regimes import segmented_regression as segmented_regression
+    from .replication import Replication as Replication
+    from .replication import expected_jaccard as expected_jaccard
+    from .replication import jaccard as jaccard
+    from .replication import replicate_plateau as replicate_plateau
+    from .replication import split_windows as split_windows
     from .routing import GiniComparison as GiniComparison
     from .routing import ImpactComparison as ImpactComparison
     from .routing import ablation_impact as ablation_impact
@@ -46,6 +60,11 @@ if TYPE_CHECKING:
     from .routing import compare_impacts as compare_impacts
     from .routing import gini as gini
     from .routing import relative_norm_change as relative_norm_change
+    from .specificity import Selectivity as Selectivity
+    from .specificity import TopOverlap as TopOverlap
+    from .specificity import selective_group as selective_group
+    from .specificity import selectivity as selectivity
+    from .specificity import top_overlap as top_overlap
 
 _EXPORTS: dict[str, str] = {
     # regimes.py: three-regime rank-curve fit (paper eq. 11)
@@ -88,6 +107,31 @@ _EXPORTS: dict[str, str] = {
     "BaselineComparison": "baselines",
     "random_groups": "baselines",
     "compare_to_random": "baselines",
+    # covariates.py: per-neuron covariates (weight norms, activation moments, vocabulary
+    # projection moments, unigram cosine, unembedding null-space fraction)
+    "NeuronCovariates": "covariates",
+    "default_null_space_k": "covariates",
+    "neuron_covariates": "covariates",
+    "unembedding_null_space": "covariates",
+    # matching.py: random groups matched to a group on quantile-binned covariates
+    "CovariateBalance": "matching",
+    "MatchedGroups": "matching",
+    "matched_random_groups": "matching",
+    # specificity.py: overlap with the top common-token neurons, per-neuron selectivity
+    "Selectivity": "specificity",
+    "TopOverlap": "specificity",
+    "selective_group": "specificity",
+    "selectivity": "specificity",
+    "top_overlap": "specificity",
+    # cluster_bootstrap.py: Δrare / Δcommon with a window-cluster bootstrap interval
+    "RatioInterval": "cluster_bootstrap",
+    "ratio_interval": "cluster_bootstrap",
+    # replication.py: split-half replication of the plateau
+    "Replication": "replication",
+    "expected_jaccard": "replication",
+    "jaccard": "replication",
+    "replicate_plateau": "replication",
+    "split_windows": "replication",
 }
 
 __all__ = sorted(_EXPORTS)
