@@ -433,7 +433,9 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     other = run_analyses(ident, n_random=20, seed=4, progress=False, routing=False)
     assert not np.array_equal(other.main.random_groups, suite.main.random_groups)
     assert other.routing is None and other.claims.verdict("routing") == "inconclusive"
-    assert [c.key for c in suite.claims.claims] == ["coordination", "spatial", "routing", "spectra"]
+    assert [c.key for c in suite.claims.claims] == [
+        "specificity", "replication", "coordination", "spatial", "routing", "spectra"
+    ]
     assert isinstance(suite.coordination, CoordinationResult)
     assert isinstance(suite.spatial, SpatialResult)
     assert isinstance(suite.spectra, SpectraResult)
@@ -467,8 +469,8 @@ def test_analyses_for_split_and_robustness(ident: Identification) -> None:
         ident, n_random=10, seed=0, percentiles=(10, 30), routing=False, progress=False
     )
     rows = table.to_table()
-    assert len(rows) + len(table.skipped) == 4
-    assert {r["definition"] for r in rows} <= {"plateau", "topk"}
+    assert len(rows) + len(table.skipped) == 6  # 2 percentiles x plateau, topk, selective
+    assert {r["definition"] for r in rows} <= {"plateau", "topk", "selective"}
     again = robustness_table(
         ident, n_random=10, seed=0, percentiles=(10, 30), routing=False, progress=False
     )
@@ -476,3 +478,96 @@ def test_analyses_for_split_and_robustness(ident: Identification) -> None:
     for r in rows:
         rare, _, _ = split_positions(ident, r["percentile"])
         assert r["n_rare_positions"] == rare.size
+
+
+# ------------------------------------------------------------------ reviewer checks
+
+
+def test_specificity_on_an_identification(ident: Identification, tmp_path: Path) -> None:
+    from raretoken.analyses.specificity import SpecificityResult, analyze_specificity
+    from raretoken.stats.specificity import selectivity
+
+    group = plateau_group(ident)
+    spec = analyze_specificity(ident, group, n_random=30, seed=1)
+    n = ident.neurons
+    sel = selectivity(n.delta_rare, n.delta_common)
+    # the selective group: as many neurons as the group, the largest residuals
+    assert spec.selective_ids.size == group.size
+    worst_kept = sel.residual[spec.selective_ids].min()
+    others = np.setdiff1d(n.neuron_ids, spec.selective_ids)
+    assert worst_kept >= sel.residual[others].max()
+    # the group's mean residual is compared with random groups of its size
+    assert spec.residual_vs_random.observed == pytest.approx(sel.residual[group.neuron_ids].mean())
+    assert spec.residual_vs_random.n_draws == 30
+    # overlap with the top common-Δloss neurons, counted directly
+    top_common = np.argsort(-n.delta_common, kind="stable")[: group.size]
+    assert spec.overlap["overlap"] == np.intersect1d(top_common, group.neuron_ids).size
+    # replication uses the windows of the rare positions
+    assert spec.replication is not None
+    assert spec.replication["n_rows_a"] + spec.replication["n_rows_b"] == ident.rare_positions.size
+    again = SpecificityResult.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again.to_table() == spec.to_table()
+    assert "rare-specific" in spec.to_markdown()
+    spec.plot()
+
+
+def _spec(overlap_fraction: float, observed: float, p: float, replicates: bool | None,
+          has_plateau: bool = True) -> object:  # fmt: skip
+    from raretoken.analyses.specificity import SpecificityResult
+    from raretoken.stats.baselines import BaselineComparison
+
+    z = np.zeros(3)
+    rep = None if replicates is None else {"replicates": replicates, "p_value": 0.01}
+    return SpecificityResult(
+        group_name="plateau", group_ids=np.array([0]), selective_ids=np.array([0]),
+        log_rare=z, log_common=z, residual=z, slope=1.0, intercept=0.0, r_squared=0.5,
+        spearman_rho=0.6,
+        residual_vs_random=BaselineComparison(observed, 0.0, 0.1, 100, p, "greater", 1.0, 0.9),
+        overlap={"overlap": int(10 * overlap_fraction), "group_size": 10, "k": 10,
+                 "expected": 0.1, "p_value": 1e-3, "fraction": overlap_fraction},
+        replication=rep, replication_note="note", full_sample_has_plateau=has_plateau,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overlap", "observed", "p", "verdict"),
+    [
+        (0.2, 0.5, 0.01, "supported"),
+        (0.8, 0.5, 0.01, "not supported"),  # most of the group matters for every token
+        (0.2, -0.1, 0.9, "not supported"),  # not more rare-selective than random
+        (0.2, 0.1, 0.2, "inconclusive"),
+    ],
+)
+def test_specificity_verdicts(overlap: float, observed: float, p: float, verdict: str) -> None:
+    from raretoken.analyses.claims import _specificity
+
+    assert _specificity(_spec(overlap, observed, p, True), 0.05).verdict == verdict  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("replicates", "has_plateau", "verdict"),
+    [(True, True, "supported"), (False, True, "not supported"),
+     (None, True, "inconclusive"), (False, False, "inconclusive")],  # fmt: skip
+)
+def test_replication_verdicts(replicates: bool | None, has_plateau: bool, verdict: str) -> None:
+    from raretoken.analyses.claims import _replication
+
+    res = _spec(0.1, 0.5, 0.01, replicates, has_plateau)
+    assert _replication(res).verdict == verdict  # type: ignore[arg-type]
+
+
+def test_selective_group_for_a_split(ident: Identification) -> None:
+    from raretoken.stats.specificity import selective_group, selectivity
+
+    rare, common = ident.rare_positions, ident.common_positions
+    g = group_for_split(ident, rare, "selective", common_positions=common)
+    base = group_for_split(ident, rare, "plateau")
+    assert g.definition == "selective" and g.size == base.size
+    d_rare = np.abs(ident.delta[rare].astype(np.float64)).mean(0)
+    d_common = np.abs(ident.delta[common].astype(np.float64)).mean(0)
+    expected = np.sort(selective_group(selectivity(d_rare, d_common), base.size))
+    assert np.array_equal(g.neuron_ids, expected)
+    with pytest.raises(ConfigError, match="common positions"):
+        group_for_split(ident, rare, "selective")
+    with pytest.raises(ConfigError, match="unknown group definition"):
+        group_for_split(ident, rare, "modular")

@@ -94,7 +94,7 @@ def test_analyze_an_existing_run_directory(
     assert "Organisation of the rare-token neurons" in out
     robust = (run_dir / "analyses" / "robustness.csv").read_text().splitlines()
     assert {line.split(",")[0] for line in robust[1:]} == {
-        "p10/plateau", "p10/topk", "p30/plateau", "p30/topk"
+        "p10/plateau", "p10/topk", "p10/selective", "p30/plateau", "p30/topk", "p30/selective"
     }  # fmt: skip
     assert not (run_dir / "analyses" / "routing.md").exists()
     manifest = json.loads((run_dir / "manifest.json").read_text())

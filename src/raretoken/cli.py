@@ -99,8 +99,8 @@ def _add_analysis_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--definitions",
         type=_words,
-        default=("plateau", "topk"),
-        help="group definitions of the robustness sweep (default plateau,topk)",
+        default=("plateau", "topk", "selective"),
+        help="group definitions of the robustness sweep (default plateau,topk,selective)",
     )
     g.add_argument(
         "--no-routing", action="store_true", help="skip attention routing (needs the model)"

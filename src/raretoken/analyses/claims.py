@@ -43,6 +43,7 @@ from ._tables import markdown_table, opt_float, write_csv
 from .coordination import CoordinationResult
 from .routing import RoutingResult
 from .spatial import SpatialResult
+from .specificity import SpecificityResult
 from .spectra import SpectraResult
 
 SUPPORTED = "supported"
@@ -249,22 +250,77 @@ def _spectra(res: SpectraResult, alpha: float) -> Claim:
     )
 
 
+def _specificity(res: SpecificityResult, alpha: float) -> Claim:
+    cmp = res.residual_vs_random
+    ov = res.overlap
+    frac = res.overlap_fraction
+    if frac > 0.5 or cmp.observed <= cmp.random_mean:
+        verdict = NOT_SUPPORTED
+    elif cmp.p_value < alpha and _resolvable(cmp, alpha):
+        verdict = SUPPORTED
+    else:
+        verdict = INCONCLUSIVE
+    return Claim(
+        key="specificity",
+        claim="The neurons are rare-token neurons, not neurons that matter for every token "
+        "(reviewer check)",
+        prediction="few of the group among the top common-Δloss neurons; Δloss on rare "
+        "targets above what the neurons' common-target Δloss predicts",
+        finding=f"{ov['overlap']} of {ov['group_size']} among the top-{ov['k']} common-target "
+        f"neurons (random: {ov['expected']:.3g}, p={ov['p_value']:.3g}); mean selectivity "
+        f"residual {_vs(cmp)}; Spearman ρ rare vs common Δloss {res.spearman_rho:.2f}",
+        test="empirical p, mean selectivity residual vs random groups, one-sided (greater)",
+        p_value=opt_float(cmp.p_value),
+        verdict=verdict,
+    )
+
+
+def _replication(res: SpecificityResult) -> Claim:
+    rep = res.replication
+    if not res.full_sample_has_plateau or rep is None:
+        verdict = INCONCLUSIVE
+    elif rep["replicates"]:
+        verdict = SUPPORTED
+    else:
+        verdict = NOT_SUPPORTED
+    p = None if rep is None else rep.get("p_value")
+    return Claim(
+        key="replication",
+        claim="The plateau is a property of the model, found again on independent windows "
+        "(reviewer check)",
+        prediction="the plateaus of two disjoint halves of the windows overlap well above "
+        "random groups of their sizes",
+        finding=res.replication_note
+        + ("" if res.full_sample_has_plateau else " (the full sample has no plateau)"),
+        test="split-half by window; exact hypergeometric p of the overlap; rule in "
+        "raretoken.stats.replication",
+        p_value=opt_float(p),
+        verdict=verdict,
+    )
+
+
 def evaluate_claims(
     coordination: CoordinationResult,
     spatial: SpatialResult,
     routing: RoutingResult | None,
     spectra: SpectraResult,
     *,
+    specificity: SpecificityResult | None = None,
     group_note: str = "",
     alpha: float = 0.05,
     min_rho: float = 0.5,
 ) -> ClaimsTable:
-    """Judge the four claims (see the module docstring for the rules).
+    """Judge the four claims (see the module docstring for the rules), and with
+    ``specificity`` the two reviewer checks (rules in :mod:`.specificity`).
 
     ``routing=None`` (no model available) makes the routing row ``inconclusive``.
     """
+    extra: tuple[Claim, ...] = ()
+    if specificity is not None:
+        extra = (_specificity(specificity, alpha), _replication(specificity))
     return ClaimsTable(
         claims=(
+            *extra,
             _coordination(coordination, alpha),
             _spatial(spatial, alpha),
             _routing(routing, alpha, min_rho),

@@ -52,6 +52,7 @@ from raretoken.data.split import FrequencySplit, split_rare_common
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.stats.baselines import random_groups
 from raretoken.stats.regimes import fit_regimes
+from raretoken.stats.specificity import selective_group, selectivity
 
 from ._tables import frozen
 
@@ -65,7 +66,11 @@ T = TypeVar("T")
 MIN_TOPK = 10
 TOPK_FRACTION = 0.01
 
+#: Group definitions of the robustness sweep (see :func:`group_for_split`).
+DEFINITIONS: tuple[str, ...] = ("plateau", "topk", "selective")
+
 __all__ = [
+    "DEFINITIONS",
     "MIN_TOPK",
     "TOPK_FRACTION",
     "NeuronGroup",
@@ -237,27 +242,55 @@ def group_for_split(
     definition: str = "plateau",
     *,
     k: int | None = None,
+    common_positions: np.ndarray | None = None,
 ) -> NeuronGroup:
     """Re-derive a group from the rare positions of a split (see module docstring).
 
     ``definition="plateau"`` falls back to top-k (``fallback=True``) like
-    :func:`plateau_group`.
+    :func:`plateau_group`. ``"selective"`` (needs ``common_positions``) takes as many neurons
+    as the plateau (or top-k fallback) of the split, those with the largest residual of log
+    Δloss on rare targets regressed on log Δloss on common targets
+    (:func:`raretoken.stats.specificity.selectivity`): the neurons that matter for rare
+    targets beyond what their importance for every token predicts.
     """
     rare = np.asarray(rare_positions, dtype=np.int64)
     if rare.size < 1:
         raise InsufficientDataError("the split has no rare-target position")
     n = ident.neurons
-    delta = np.abs(ident.delta[rare].astype(np.float64)).mean(axis=0)
+    delta = _mean_abs_rows(ident.delta, rare)
     if definition == "topk":
         kk = default_topk(n.neuron_ids.size) if k is None else int(k)
         ids = topk_neurons(delta, kk, n.neuron_ids)
         return NeuronGroup(
             name=f"top-{kk}", definition="topk", neuron_ids=frozen(ids), layer=n.layer
         )
-    if definition == "plateau":
+    if definition in ("plateau", "selective"):
         fit = fit_regimes(delta, n.neuron_ids)
-        return _plateau_or_topk(fit.plateau_neurons, delta, n.neuron_ids, n.layer, k)
-    raise ConfigError(f"unknown group definition {definition!r}; expected 'plateau' or 'topk'")
+        group = _plateau_or_topk(fit.plateau_neurons, delta, n.neuron_ids, n.layer, k)
+        if definition == "plateau":
+            return group
+        if common_positions is None:
+            raise ConfigError("the 'selective' group needs the split's common positions")
+        common = _mean_abs_rows(ident.delta, np.asarray(common_positions, dtype=np.int64))
+        ids = selective_group(selectivity(delta, common), group.size)
+        return NeuronGroup(
+            name=f"selective-{group.size}",
+            definition="selective",
+            neuron_ids=frozen(np.sort(n.neuron_ids[ids])),
+            layer=n.layer,
+            note=f"as many neurons as the {group.name}, most rare-selective",
+        )
+    raise ConfigError(
+        f"unknown group definition {definition!r}; expected one of {', '.join(DEFINITIONS)}"
+    )
+
+
+def _mean_abs_rows(delta: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Column means of ``|delta[rows]|`` in float64, ``chunk`` rows at a time."""
+    total = np.zeros(delta.shape[1], dtype=np.float64)
+    for i in range(0, rows.size, chunk):
+        total += np.abs(np.asarray(delta[rows[i : i + chunk]], dtype=np.float64)).sum(axis=0)
+    return total / max(rows.size, 1)
 
 
 def random_control_groups(

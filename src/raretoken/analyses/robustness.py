@@ -5,7 +5,9 @@ a :class:`~raretoken.analyses.routing.RoutingContext`) attention routing for giv
 common positions and a given neuron group. :func:`robustness_table` loops it over
 rare-token percentiles (paper §3.1: "we verified the robustness of our findings across
 multiple percentile thresholds") and group definitions (plateau of the re-fitted rank curve,
-top-k by Δloss) and gathers one row per (percentile, definition).
+top-k by Δloss, and the rare-selective neurons — see
+:func:`~raretoken.analyses.groups.group_for_split`) and gathers one row per (percentile,
+definition).
 
 Seeds: each split's random groups, Louvain runs and routing permutations come from
 ``np.random.SeedSequence(seed).spawn(3)`` (in that order), so every row of a sweep uses the
@@ -31,7 +33,13 @@ from raretoken.errors import ConfigError, RareTokenError
 
 from ._tables import frozen, markdown_table, write_csv
 from .coordination import CoordinationResult, coordination_analysis
-from .groups import NeuronGroup, group_for_split, random_control_groups, split_positions
+from .groups import (
+    DEFINITIONS,
+    NeuronGroup,
+    group_for_split,
+    random_control_groups,
+    split_positions,
+)
 from .routing import RoutingContext, RoutingResult, routing_analysis
 from .spatial import SpatialResult, spatial_analysis
 from .spectra import SpectraResult, layer_weights, spectra_analysis
@@ -47,7 +55,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PERCENTILES = (5.0, 10.0, 15.0, 20.0, 25.0)
-DEFAULT_DEFINITIONS = ("plateau", "topk")
+DEFAULT_DEFINITIONS = ("plateau", "topk", "selective")
 
 __all__ = [
     "DEFAULT_DEFINITIONS",
@@ -427,8 +435,10 @@ def robustness_table(
         Show a progress bar over the rows.
     """
     for d in definitions:
-        if d not in ("plateau", "topk"):
-            raise ConfigError(f"unknown group definition {d!r}; expected 'plateau' or 'topk'")
+        if d not in DEFINITIONS:
+            raise ConfigError(
+                f"unknown group definition {d!r}; expected one of {', '.join(DEFINITIONS)}"
+            )
     if not percentiles or not definitions:
         raise ConfigError("need at least one percentile and one group definition")
     ctx: RoutingContext | None
@@ -449,7 +459,7 @@ def robustness_table(
             if pct not in split_cache:
                 split_cache[pct] = split_positions(ident, pct)[:2]
             rare, common = split_cache[pct]
-            group = group_for_split(ident, rare, definition, k=k)
+            group = group_for_split(ident, rare, definition, k=k, common_positions=common)
         except RareTokenError as err:
             logger.warning("%s skipped: %s", label, err)
             skipped[label] = str(err)

@@ -46,6 +46,7 @@ from .robustness import (
 )
 from .routing import RoutingContext, RoutingResult
 from .spatial import SpatialResult
+from .specificity import SpecificityResult, analyze_specificity
 from .spectra import SpectraResult
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class AnalysisSuite:
         Options used (positions, weights, ...).
     robustness:
         The percentile / group-definition sweep, if run.
+    specificity:
+        Reviewer checks on the group: rare-specificity and split-half replication
+        (``None`` when they could not be computed).
     seconds:
         Wall time per step (not part of any table).
     """
@@ -84,6 +88,7 @@ class AnalysisSuite:
     seed: int
     settings: Mapping[str, Any]
     robustness: RobustnessTable | None = None
+    specificity: SpecificityResult | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors
@@ -126,7 +131,10 @@ class AnalysisSuite:
             f"size-matched random groups from the same layer without the group, seed "
             f"{self.seed}.\n\n"
         )
-        parts = [intro, self.claims.to_markdown(), "\n", self.coordination.to_markdown(), "\n"]
+        parts = [intro, self.claims.to_markdown(), "\n"]
+        if self.specificity is not None:
+            parts += [self.specificity.to_markdown(), "\n"]
+        parts += [self.coordination.to_markdown(), "\n"]
         parts += [self.spatial.to_markdown(), "\n"]
         if self.routing is not None:
             parts += [self.routing.to_markdown(), "\n"]
@@ -143,12 +151,14 @@ class AnalysisSuite:
             "seed": self.seed,
             "settings": jsonable(dict(self.settings)),
             "robustness": None if self.robustness is None else self.robustness.to_dict(),
+            "specificity": None if self.specificity is None else self.specificity.to_dict(),
             "seconds": dict(self.seconds),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AnalysisSuite:
         rob = d.get("robustness")
+        spec = d.get("specificity")
         return cls(
             main=SplitAnalyses.from_dict(d["main"]),
             claims=ClaimsTable.from_dict(d["claims"]),
@@ -156,6 +166,7 @@ class AnalysisSuite:
             seed=int(d["seed"]),
             settings=dict(d.get("settings", {})),
             robustness=None if rob is None else RobustnessTable.from_dict(rob),
+            specificity=None if spec is None else SpecificityResult.from_dict(spec),
             seconds={str(k): float(v) for k, v in d.get("seconds", {}).items()},
         )
 
@@ -236,11 +247,20 @@ def run_analyses(
         percentile=float(ident.config.percentile),
     )
     seconds.update(main.seconds)
+    t = time.perf_counter()
+    spec: SpecificityResult | None
+    try:
+        spec = analyze_specificity(ident, group, n_random=n_rand, seed=sd)
+    except InsufficientDataError as exc:
+        logger.warning("rare-specificity not assessed: %s", exc)
+        spec = None
+    seconds["specificity"] = round(time.perf_counter() - t, 3)
     claims = evaluate_claims(
         main.coordination,  # type: ignore[arg-type]  # strict: never None
         main.spatial,  # type: ignore[arg-type]
         main.routing,
         main.spectra,  # type: ignore[arg-type]
+        specificity=spec,
         group_note=group.note,
     )
     rob = None
@@ -280,6 +300,7 @@ def run_analyses(
             "percentile": float(ident.config.percentile),
         },
         robustness=rob,
+        specificity=spec,
         seconds=seconds,
     )
 
@@ -327,6 +348,12 @@ def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
     table("coordination", suite.coordination, f"Table 1: d_eff/N of the {g} vs random groups")
     table("spatial", suite.spatial, f"Table 3: Louvain modularity of the {g} vs random groups")
     table("spectra", suite.spectra, f"Figure 2 data: α_Hill of the {g} vs random groups")
+    if suite.specificity is not None:
+        table("specificity", suite.specificity,
+              f"reviewer checks: is the {g} rare-specific, does it replicate")  # fmt: skip
+        fig, axes = new_figure(1, width=5.5)
+        suite.specificity.plot(axes[0])
+        figure("specificity", fig, "log Δloss rare vs common per neuron: group, selective")
 
     fig, axes = new_figure(2)
     suite.coordination.plot(axes[0])

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the analyses change what they compute: cached suites with an older value are
 #: recomputed.
-ANALYSES_VERSION = 1
+ANALYSES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class AnalysisOptions:
     mi_bins: int | None = None
     robustness: bool = False
     percentiles: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0)
-    definitions: tuple[str, ...] = ("plateau", "topk")
+    definitions: tuple[str, ...] = ("plateau", "topk", "selective")
 
     def resolved(self, ident: Identification) -> AnalysisOptions:
         cfg = ident.config
