@@ -22,6 +22,7 @@ TABLES = (
     "analyses/coordination.csv",
     "analyses/spatial.csv",
     "analyses/spectra.csv",
+    "analyses/specificity.csv",
     "analyses/routing.csv",
     "analyses/routing_heads.csv",
 )

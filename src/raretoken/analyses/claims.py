@@ -25,6 +25,10 @@ verdict. Verdict rules (``α = 0.05`` by default):
   than others is expected under either hypothesis). The p-value column holds the paired
   Gini test.
 
+Two reviewer checks come first when the run has them (rules in
+:mod:`raretoken.analyses.specificity`): are the neurons rare-*specific* rather than important
+for every token, and does the plateau replicate on a disjoint half of the windows.
+
 With fewer than ``1/α - 1`` random groups no empirical p-value can fall below ``α``; such
 rows are ``inconclusive`` whatever the data.
 """
