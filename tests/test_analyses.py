@@ -571,3 +571,19 @@ def test_selective_group_for_a_split(ident: Identification) -> None:
         group_for_split(ident, rare, "selective")
     with pytest.raises(ConfigError, match="unknown group definition"):
         group_for_split(ident, rare, "modular")
+
+
+def test_suite_judges_the_claims_against_matched_controls(ident: Identification) -> None:
+    from raretoken.analyses import AnalysisSuite
+
+    suite = run_analyses(ident, n_random=20, seed=3, progress=False, routing=False)
+    assert suite.matched is not None and suite.matched.n_groups == 20
+    verdicts = {c.key: c.verdict_matched for c in suite.claims.claims}
+    for key in ("coordination", "spatial", "spectra"):
+        assert verdicts[key] in ("supported", "not supported", "inconclusive"), key
+        assert "matched controls" in next(c.finding for c in suite.claims.claims if c.key == key)
+    assert verdicts["routing"] is None and verdicts["specificity"] is None
+    assert "verdict_matched" in suite.claims.to_markdown()
+    again = AnalysisSuite.from_dict(json.loads(json.dumps(suite.to_dict())))
+    assert again.claims.to_table() == suite.claims.to_table()
+    assert again.matched is not None and again.matched.to_table() == suite.matched.to_table()

@@ -9,7 +9,9 @@ One module per analysis, each a pure function to a frozen result that owns its p
 * ``spectra.py`` — Hill α of the weight spectra with the fix-finger x_min (eq. 9–10, Fig. 2);
 * ``groups.py`` (plateau, top-k and random groups), ``robustness.py`` (all analyses for one
   split, and the percentile × definition sweep), ``claims.py`` (verdicts on the paper's
-  claims), ``suite.py`` (everything in one call, written into a run directory).
+  claims), ``suite.py`` (everything in one call, written into a run directory);
+* reviewer checks: ``specificity.py`` (is the group rare-specific, does it replicate) and
+  ``matched.py`` (the group-vs-random analyses against covariate-matched controls).
 
 Exports are resolved lazily (PEP 562): ``import raretoken.analyses`` imports no submodule
 (and no torch / matplotlib), and ``raretoken.analyses.<name>`` imports the submodule that
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from .groups import random_control_groups as random_control_groups
     from .groups import split_positions as split_positions
     from .groups import topk_group as topk_group
+    from .matched import MatchedControls as MatchedControls
+    from .matched import matched_controls as matched_controls
     from .robustness import RobustnessTable as RobustnessTable
     from .robustness import SplitAnalyses as SplitAnalyses
     from .robustness import analyses_for_split as analyses_for_split
@@ -48,6 +52,8 @@ if TYPE_CHECKING:
     from .routing_runs import head_ablation as head_ablation
     from .spatial import SpatialResult as SpatialResult
     from .spatial import spatial_analysis as spatial_analysis
+    from .specificity import SpecificityResult as SpecificityResult
+    from .specificity import analyze_specificity as analyze_specificity
     from .spectra import SpectraResult as SpectraResult
     from .spectra import layer_weights as layer_weights
     from .spectra import spectra_analysis as spectra_analysis
@@ -68,6 +74,10 @@ _EXPORTS: dict[str, str] = {
     "random_control_groups": "groups",
     "split_positions": "groups",
     "topk_group": "groups",
+    "MatchedControls": "matched",
+    "matched_controls": "matched",
+    "SpecificityResult": "specificity",
+    "analyze_specificity": "specificity",
     "RobustnessTable": "robustness",
     "SplitAnalyses": "robustness",
     "analyses_for_split": "robustness",

@@ -29,6 +29,11 @@ Two reviewer checks come first when the run has them (rules in
 :mod:`raretoken.analyses.specificity`): are the neurons rare-*specific* rather than important
 for every token, and does the plateau replicate on a disjoint half of the windows.
 
+Each group-vs-random claim (coordination, spatial, spectra) is also judged, with the same
+rule, against random groups matched to the group on output-weight norm and mean |activation|
+(:mod:`raretoken.analyses.matched`): ``verdict_matched``; the finding says when a verdict
+changes under matching.
+
 With fewer than ``1/α - 1`` random groups no empirical p-value can fall below ``α``; such
 rows are ``inconclusive`` whatever the data.
 """
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from raretoken.stats.baselines import BaselineComparison
 
 from ._tables import markdown_table, opt_float, write_csv
 from .coordination import CoordinationResult
+from .matched import MatchedControls
 from .routing import RoutingResult
 from .spatial import SpatialResult
 from .specificity import SpecificityResult
@@ -75,6 +81,8 @@ class Claim:
     test: str
     p_value: float | None
     verdict: str
+    #: The same rule against covariate-matched random groups (``None``: not assessed).
+    verdict_matched: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +93,7 @@ class Claim:
             "test": self.test,
             "p_value": opt_float(self.p_value),
             "verdict": self.verdict,
+            "verdict_matched": self.verdict_matched,
         }
 
     @classmethod
@@ -98,6 +107,7 @@ class Claim:
             test=str(d["test"]),
             p_value=None if p is None else float(p),
             verdict=str(d["verdict"]),
+            verdict_matched=d.get("verdict_matched"),
         )
 
 
@@ -127,6 +137,12 @@ class ClaimsTable:
             "the rules are in raretoken.analyses.claims.\n\n"
         )
         cols = ["claim", "prediction", "finding", "test", "p_value", "verdict"]
+        if any(c.verdict_matched is not None for c in self.claims):
+            cols.append("verdict_matched")
+            head += (
+                "`verdict_matched`: the same rule against random groups matched to the group "
+                "on output-weight norm and mean |activation|.\n\n"
+            )
         return head + markdown_table(self.to_table(), cols)
 
     def to_csv(self, path: Path | str) -> None:
@@ -165,6 +181,35 @@ def _difference_verdict(cmp: BaselineComparison, alpha: float) -> str:
         else (cmp.observed <= cmp.random_mean)
     )
     return NOT_SUPPORTED if wrong else INCONCLUSIVE
+
+
+def _null_verdict(q: BaselineComparison, alpha: float) -> str:
+    if not _resolvable(q, alpha):
+        return INCONCLUSIVE
+    return NOT_SUPPORTED if q.p_value < alpha else SUPPORTED
+
+
+def _with_matched(
+    claim: Claim, matched: MatchedControls | None, alpha: float, *, null: bool = False
+) -> Claim:
+    """``claim`` with its verdict against matched controls and what that changes."""
+    if matched is None:
+        return claim
+    m = matched.comparison(claim.key)
+    if m is None:
+        why = matched.errors.get(claim.key, "not computed")
+        return replace(claim, finding=f"{claim.finding}; matched controls: {why}",
+                       verdict_matched=INCONCLUSIVE)  # fmt: skip
+    vm = _null_verdict(m, alpha) if null else _difference_verdict(m, alpha)
+    finding = (
+        f"{claim.finding}; vs matched controls {m.observed:.3g} vs {m.random_mean:.3g} ± "
+        f"{m.random_sd:.3g} (p={m.p_value:.3g})"
+    )
+    if claim.verdict == SUPPORTED and vm != SUPPORTED:
+        finding += " — the finding disappears against matched controls"
+    elif claim.verdict != SUPPORTED and vm == SUPPORTED:
+        finding += " — supported only against matched controls"
+    return replace(claim, finding=finding, verdict_matched=vm)
 
 
 def _vs(cmp: BaselineComparison, digits: int = 3) -> str:
@@ -310,6 +355,7 @@ def evaluate_claims(
     spectra: SpectraResult,
     *,
     specificity: SpecificityResult | None = None,
+    matched: MatchedControls | None = None,
     group_note: str = "",
     alpha: float = 0.05,
     min_rho: float = 0.5,
@@ -317,7 +363,9 @@ def evaluate_claims(
     """Judge the four claims (see the module docstring for the rules), and with
     ``specificity`` the two reviewer checks (rules in :mod:`.specificity`).
 
-    ``routing=None`` (no model available) makes the routing row ``inconclusive``.
+    ``routing=None`` (no model available) makes the routing row ``inconclusive``. With
+    ``matched`` each group-vs-random claim also gets ``verdict_matched``, and its finding says
+    when the verdict changes against matched controls.
     """
     extra: tuple[Claim, ...] = ()
     if specificity is not None:
@@ -325,10 +373,10 @@ def evaluate_claims(
     return ClaimsTable(
         claims=(
             *extra,
-            _coordination(coordination, alpha),
-            _spatial(spatial, alpha),
+            _with_matched(_coordination(coordination, alpha), matched, alpha),
+            _with_matched(_spatial(spatial, alpha), matched, alpha, null=True),
             _routing(routing, alpha, min_rho),
-            _spectra(spectra, alpha),
+            _with_matched(_spectra(spectra, alpha), matched, alpha),
         ),
         group_name=coordination.group_name,
         group_note=group_note,

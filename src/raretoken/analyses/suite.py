@@ -36,6 +36,7 @@ from ._tables import jsonable, write_csv
 from .claims import ClaimsTable, evaluate_claims
 from .coordination import CoordinationResult
 from .groups import NeuronGroup, plateau_group
+from .matched import MatchedControls, matched_controls
 from .robustness import (
     DEFAULT_DEFINITIONS,
     DEFAULT_PERCENTILES,
@@ -47,7 +48,7 @@ from .robustness import (
 from .routing import RoutingContext, RoutingResult
 from .spatial import SpatialResult
 from .specificity import SpecificityResult, analyze_specificity
-from .spectra import SpectraResult
+from .spectra import SpectraResult, layer_weights
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -78,6 +79,9 @@ class AnalysisSuite:
     specificity:
         Reviewer checks on the group: rare-specificity and split-half replication
         (``None`` when they could not be computed).
+    matched:
+        Coordination, spatial and spectral statistics against covariate-matched random
+        groups (``None`` when not computed).
     seconds:
         Wall time per step (not part of any table).
     """
@@ -89,6 +93,7 @@ class AnalysisSuite:
     settings: Mapping[str, Any]
     robustness: RobustnessTable | None = None
     specificity: SpecificityResult | None = None
+    matched: MatchedControls | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors
@@ -135,6 +140,8 @@ class AnalysisSuite:
         if self.specificity is not None:
             parts += [self.specificity.to_markdown(), "\n"]
         parts += [self.coordination.to_markdown(), "\n"]
+        if self.matched is not None:
+            parts += [self.matched.to_markdown(), "\n"]
         parts += [self.spatial.to_markdown(), "\n"]
         if self.routing is not None:
             parts += [self.routing.to_markdown(), "\n"]
@@ -152,6 +159,7 @@ class AnalysisSuite:
             "settings": jsonable(dict(self.settings)),
             "robustness": None if self.robustness is None else self.robustness.to_dict(),
             "specificity": None if self.specificity is None else self.specificity.to_dict(),
+            "matched": None if self.matched is None else self.matched.to_dict(),
             "seconds": dict(self.seconds),
         }
 
@@ -159,6 +167,7 @@ class AnalysisSuite:
     def from_dict(cls, d: Mapping[str, Any]) -> AnalysisSuite:
         rob = d.get("robustness")
         spec = d.get("specificity")
+        matched = d.get("matched")
         return cls(
             main=SplitAnalyses.from_dict(d["main"]),
             claims=ClaimsTable.from_dict(d["claims"]),
@@ -167,6 +176,7 @@ class AnalysisSuite:
             settings=dict(d.get("settings", {})),
             robustness=None if rob is None else RobustnessTable.from_dict(rob),
             specificity=None if spec is None else SpecificityResult.from_dict(spec),
+            matched=None if matched is None else MatchedControls.from_dict(matched),
             seconds={str(k): float(v) for k, v in d.get("seconds", {}).items()},
         )
 
@@ -255,12 +265,29 @@ def run_analyses(
         logger.warning("rare-specificity not assessed: %s", exc)
         spec = None
     seconds["specificity"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    adapter = ident.stages.loaded.adapter
+    matched = matched_controls(
+        ident,
+        group,
+        ident.acts if coordination_positions == "all" else ident.acts[ident.rare_positions],
+        layer_weights(adapter, weight_name),
+        layer_weights(adapter, "out"),
+        n_random=n_rand,
+        seed=sd,
+        weight_name=weight_name,
+        coordination_positions=coordination_positions,
+        tau=tau,
+        mi_bins=mi_bins,
+    )
+    seconds["matched"] = round(time.perf_counter() - t, 3)
     claims = evaluate_claims(
         main.coordination,  # type: ignore[arg-type]  # strict: never None
         main.spatial,  # type: ignore[arg-type]
         main.routing,
         main.spectra,  # type: ignore[arg-type]
         specificity=spec,
+        matched=matched,
         group_note=group.note,
     )
     rob = None
@@ -301,6 +328,7 @@ def run_analyses(
         },
         robustness=rob,
         specificity=spec,
+        matched=matched,
         seconds=seconds,
     )
 
@@ -348,6 +376,9 @@ def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
     table("coordination", suite.coordination, f"Table 1: d_eff/N of the {g} vs random groups")
     table("spatial", suite.spatial, f"Table 3: Louvain modularity of the {g} vs random groups")
     table("spectra", suite.spectra, f"Figure 2 data: α_Hill of the {g} vs random groups")
+    if suite.matched is not None:
+        table("matched", suite.matched,
+              f"coordination, spatial, spectra of the {g} vs covariate-matched random groups")  # fmt: skip
     if suite.specificity is not None:
         table("specificity", suite.specificity,
               f"reviewer checks: is the {g} rare-specific, does it replicate")  # fmt: skip
