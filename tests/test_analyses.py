@@ -434,7 +434,12 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     assert not np.array_equal(other.main.random_groups, suite.main.random_groups)
     assert other.routing is None and other.claims.verdict("routing") == "inconclusive"
     assert [c.key for c in suite.claims.claims] == [
-        "specificity", "replication", "coordination", "spatial", "routing", "spectra"
+        "specificity",
+        "replication",
+        "coordination",
+        "spatial",
+        "routing",
+        "spectra",
     ]
     assert isinstance(suite.coordination, CoordinationResult)
     assert isinstance(suite.spatial, SpatialResult)
@@ -546,8 +551,12 @@ def test_specificity_verdicts(overlap: float, observed: float, p: float, verdict
 
 @pytest.mark.parametrize(
     ("replicates", "has_plateau", "verdict"),
-    [(True, True, "supported"), (False, True, "not supported"),
-     (None, True, "inconclusive"), (False, False, "inconclusive")],  # fmt: skip
+    [
+        (True, True, "supported"),
+        (False, True, "not supported"),
+        (None, True, "inconclusive"),
+        (False, False, "inconclusive"),
+    ],
 )
 def test_replication_verdicts(replicates: bool | None, has_plateau: bool, verdict: str) -> None:
     from raretoken.analyses.claims import _replication

@@ -40,7 +40,9 @@ def test_six_novels_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     # the reported failure: by whole documents, nothing of these six books is held out
     assert not any(is_heldout(f"book{b + 1}.txt", 0.1, 0) for b in range(6))
     model = save_tiny(tmp_path / "model", "gpt2")
-    opts = dict(tiny_overrides(model, books), heldout_fraction=0.1, sampling="until_rare", n_rare=20)
+    opts = dict(
+        tiny_overrides(model, books), heldout_fraction=0.1, sampling="until_rare", n_rare=20
+    )
     argv = ["run", "--no-progress", "--skip-analyses", "--out", str(tmp_path / "run"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     for k, v in opts.items():
