@@ -241,6 +241,20 @@ def unembedding_null_space(
 # --------------------------------------------------------------------------- covariates
 
 
+#: The per-neuron (and spectrum) array fields of :class:`NeuronCovariates` in its JSON form.
+_ARRAY_FIELDS: tuple[str, ...] = (
+    "w_out_norm",
+    "act_mean",
+    "act_abs_mean",
+    "act_var",
+    "act_frac_positive",
+    "vocab_kurtosis",
+    "vocab_skew",
+    "null_space_fraction",
+    "unembed_singular_values",
+)
+
+
 @dataclass(frozen=True, eq=False)
 class NeuronCovariates:
     """Per-neuron covariates of one MLP layer (definitions in the module docstring).
@@ -307,18 +321,7 @@ class NeuronCovariates:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite values as ``null``)."""
-        arrays = (
-            "w_out_norm",
-            "act_mean",
-            "act_abs_mean",
-            "act_var",
-            "act_frac_positive",
-            "vocab_kurtosis",
-            "vocab_skew",
-            "null_space_fraction",
-            "unembed_singular_values",
-        )
-        out: dict[str, Any] = {name: nan_list(getattr(self, name)) for name in arrays}
+        out: dict[str, Any] = {name: nan_list(getattr(self, name)) for name in _ARRAY_FIELDS}
         out["w_in_norm"] = {k: nan_list(v) for k, v in self.w_in_norm.items()}
         out["unigram_cosine"] = (
             None if self.unigram_cosine is None else nan_list(self.unigram_cosine)
@@ -333,18 +336,7 @@ class NeuronCovariates:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NeuronCovariates:
-        arrays = (
-            "w_out_norm",
-            "act_mean",
-            "act_abs_mean",
-            "act_var",
-            "act_frac_positive",
-            "vocab_kurtosis",
-            "vocab_skew",
-            "null_space_fraction",
-            "unembed_singular_values",
-        )
-        kw: dict[str, Any] = {name: from_nan_list(d[name]) for name in arrays}
+        kw: dict[str, Any] = {name: from_nan_list(d[name]) for name in _ARRAY_FIELDS}
         uc = d.get("unigram_cosine")
         nu = d.get("n_unigram_tokens")
         nk = d.get("norm_kind")
