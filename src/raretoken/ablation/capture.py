@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, eq=False)
 class Capture:
     """Arrays from one pass over a :class:`ContextSample` (positions in ``target_mask`` order).
+
+    Any of them may be a (read-only) :class:`numpy.memmap` of a cache entry: read them in
+    slices rather than converting them whole.
 
     Attributes
     ----------
@@ -75,6 +79,19 @@ class Capture:
         )
 
 
+#: Allocates one output array: ``allocate(name, shape, dtype)`` (e.g.
+#: :meth:`raretoken.storage.EntryWriter.array`, which memory-maps it inside a cache entry).
+Allocate = Callable[[str, tuple[int, ...], Any], np.ndarray]
+
+
+def _in_memory(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)
+
+
+def _n_nonfinite(a: np.ndarray) -> int:
+    return 0 if np.isfinite(a).all() else int((~np.isfinite(a)).sum())
+
+
 def capture_sample(
     model: torch.nn.Module,
     adapter: ModelAdapter,
@@ -85,61 +102,90 @@ def capture_sample(
     block_index: int | None = None,
     acts_only: bool = False,
     progress: Callable[[int], None] | None = None,
+    allocate: Allocate | None = None,
 ) -> Capture:
     """Run the model over every window of ``sample`` and capture the final-layer arrays.
 
     ``acts_only`` keeps just the neuron activations (for the reference sample of n̄).
+
+    The arrays are allocated once, at their final size (the number of scored positions is
+    that of ``sample.target_mask``), by ``allocate(name, shape, dtype)`` under the names of
+    :meth:`Capture.to_arrays` (default: in memory), and every batch is written straight into
+    them: with a cache writer's memory-mapped arrays, memory stays at one batch whatever the
+    sample's size. Non-finite values are counted batch by batch and reported at the end.
     """
+    alloc = _in_memory if allocate is None else allocate
     norm_mod = adapter.final_norm_module()
     proj = adapter.mlp_out_proj(-1)
-    mask = torch.from_numpy(sample.target_mask)
-    resid_parts: list[np.ndarray] = []
-    act_parts: list[np.ndarray] = []
-    loss_parts: list[np.ndarray] = []
-    block_parts: list[np.ndarray] = []
+    mask_np = np.asarray(sample.target_mask, dtype=bool)
+    mask = torch.from_numpy(mask_np)
+    scored = sample.target_ids[mask_np]
+    n_pos = int(scored.shape[0])
+    dims = adapter.dims
+    targets = alloc("targets", scored.shape, scored.dtype)
+    targets[...] = scored
+    acts_out = alloc("acts", (n_pos, dims.d_mlp), np.float32)
+    if acts_only:
+        resid_out = alloc("resid", (0,), np.float32)
+        loss_out = alloc("base_loss", (0,), np.float32)
+    else:
+        resid_out = alloc("resid", (n_pos, dims.d_model), np.float32)
+        loss_out = alloc("base_loss", (n_pos,), np.float32)
     block_mod = adapter.blocks()[block_index] if block_index is not None else None
+    block_out = None
+    if block_mod is not None and not acts_only:
+        block_out = alloc("block_input", (*sample.input_ids.shape, dims.d_model), np.float32)
+    bad_acts = bad_resid = 0
+    row = 0
     for start in range(0, sample.n_windows, batch_size):
-        ids = torch.from_numpy(sample.input_ids[start : start + batch_size]).to(device)
-        m = mask[start : start + batch_size]
+        stop = min(sample.n_windows, start + batch_size)
+        ids = torch.from_numpy(sample.input_ids[start:stop]).to(device)
+        m = mask[start:stop].to(ids.device)
         with contextlib.ExitStack() as stack:
             got_resid = stack.enter_context(capture_input(norm_mod))
             got_acts = stack.enter_context(capture_input(proj))
             got_block = (
-                stack.enter_context(capture_input(block_mod)) if block_mod is not None else None
+                stack.enter_context(capture_input(block_mod))
+                if block_mod is not None and block_out is not None
+                else None
             )
             with torch.no_grad():
                 logits = model(input_ids=ids).logits
-        acts = got_acts[-1][:, :-1][m.to(ids.device)]
-        act_parts.append(acts.float().cpu().numpy())
+        acts = got_acts[-1][:, :-1][m].float().cpu().numpy()
+        end = row + acts.shape[0]
+        if acts.shape[1:] != acts_out.shape[1:] or end > n_pos:
+            raise ValueError(
+                f"captured activations of shape {acts.shape} do not fit the "
+                f"{acts_out.shape} expected from the model's dimensions and the sample"
+            )
+        acts_out[row:end] = acts
+        bad_acts += _n_nonfinite(acts)
         if not acts_only:
-            resid = got_resid[-1][:, :-1][m.to(ids.device)]
-            resid_parts.append(resid.float().cpu().numpy())
-            z = logits[:, :-1][m.to(ids.device)].float()
-            tgt = ids[:, 1:][m.to(ids.device)]
+            resid = got_resid[-1][:, :-1][m].float().cpu().numpy()
+            resid_out[row:end] = resid
+            bad_resid += _n_nonfinite(resid)
+            z = logits[:, :-1][m].float()
+            tgt = ids[:, 1:][m]
             loss = torch.logsumexp(z, -1) - z.gather(1, tgt[:, None]).squeeze(1)
-            loss_parts.append(loss.cpu().numpy())
-            if got_block is not None:
-                block_parts.append(got_block[-1].float().cpu().numpy())
+            loss_out[row:end] = loss.cpu().numpy()
+            if got_block is not None and block_out is not None:
+                block_out[start:stop] = got_block[-1].float().cpu().numpy()
+        row = end
         if progress is not None:
             progress(int(ids.shape[0]))
-    acts_np = np.concatenate(act_parts)
-    if not np.isfinite(acts_np).all():
+    if row != n_pos:
+        raise ValueError(f"captured {row} positions, the sample scores {n_pos}")
+    if bad_acts:
         raise NumericalError(
-            f"{int((~np.isfinite(acts_np)).sum())} NaN/inf values in the final-layer activations "
-            "(try --dtype float32)"
+            f"{bad_acts} NaN/inf values in the final-layer activations (try --dtype float32)"
         )
-    targets = sample.target_ids[sample.target_mask]
-    if acts_only:
-        empty = np.zeros((0,), np.float32)
-        return Capture(resid=empty, acts=acts_np, targets=targets, base_loss=empty)
-    resid_np = np.concatenate(resid_parts)
-    if not np.isfinite(resid_np).all():
+    if bad_resid:
         raise NumericalError("NaN/inf values in the final residual stream (try --dtype float32)")
     return Capture(
-        resid=resid_np,
-        acts=acts_np,
+        resid=resid_out,
+        acts=acts_out,
         targets=targets,
-        base_loss=np.concatenate(loss_parts),
-        block_input=np.concatenate(block_parts) if block_parts else None,
-        block_index=block_index,
+        base_loss=loss_out,
+        block_input=block_out,
+        block_index=block_index if block_out is not None else None,
     )

@@ -114,7 +114,7 @@ def _group_acts(
     cols = torch.as_tensor(group, dtype=torch.long, device=p.device)
     out: list[np.ndarray] = []
     for b0, b1 in _batches(block_input.shape[0], batch_size):
-        h = torch.as_tensor(block_input[b0:b1]).to(device=p.device, dtype=p.dtype)
+        h = torch.from_numpy(np.array(block_input[b0:b1])).to(device=p.device, dtype=p.dtype)
         m = torch.as_tensor(mask[b0:b1], device=p.device)
         with contextlib.ExitStack() as stack:
             got = stack.enter_context(capture_input(proj))
@@ -193,7 +193,7 @@ def attention_gini(
     causal = causal_mask(seq)
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for b0, b1 in _batches(bi.shape[0], batch_size):
-        h = torch.as_tensor(bi[b0:b1]).to(device=p.device, dtype=p.dtype)
+        h = torch.from_numpy(np.array(bi[b0:b1])).to(device=p.device, dtype=p.dtype)  # memmap rows
         with attention_patterns(adapter, layers) as pats, torch.no_grad():
             run_from_layer(adapter, h, start)
         m = mask[b0:b1]

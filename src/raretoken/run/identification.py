@@ -18,7 +18,14 @@ from .._faults import checkpoint
 from ..data.sampling import ContextSample
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError
-from ..stats.regimes import RegimeBootstrap, RegimeFit, bootstrap_regimes, fit_regimes
+from ..stats.regimes import (
+    ColumnSum,
+    RegimeBootstrap,
+    RegimeFit,
+    RowChunks,
+    bootstrap_regimes,
+    fit_regimes,
+)
 from .config import RunConfig
 from .manifest import RunDirectory, now_iso
 from .outputs import write_identification
@@ -140,7 +147,7 @@ def identify(
     t = time.perf_counter()
     cap, cap_key = st.capture(sample, sample_key, reference=False)
     ref_cap, ref_cap_key = st.capture(ref, ref_key, reference=True)
-    mean_acts = ref_cap.acts.astype(np.float64).mean(0).astype(np.float32)
+    mean_acts = _column_mean(ref_cap.acts).astype(np.float32)
     timed("forward", t, key=cap_key, reference_key=ref_cap_key)
 
     checkpoint("ablation")
@@ -150,16 +157,23 @@ def identify(
 
     checkpoint("regimes")
     t = time.perf_counter()
-    neurons = _neuron_table(delta, rare_pos, common_pos, layer=-1)
+    rows = _chunk_rows(delta)
+    neurons = _neuron_table(delta, rare_pos, common_pos, layer=-1, chunk_rows=rows)
     rare_fit = fit_regimes(neurons.delta_rare, neurons.neuron_ids)
     common_fit = fit_regimes(neurons.delta_common, neurons.neuron_ids)
     rare_boot = common_boot = None
     if cfg.n_boot > 0:
         rare_boot = bootstrap_regimes(
-            np.abs(delta[rare_pos]), neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed
+            RowChunks(delta, rare_pos, absolute=True, chunk_rows=rows),
+            neurons.neuron_ids,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
         )
         common_boot = bootstrap_regimes(
-            np.abs(delta[common_pos]), neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed + 1
+            RowChunks(delta, common_pos, absolute=True, chunk_rows=rows),
+            neurons.neuron_ids,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed + 1,
         )
     timed("regimes", t, n_boot=cfg.n_boot)
 
@@ -222,16 +236,55 @@ def _scored_index(sample: ContextSample, vocab_mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(vocab_mask, dtype=bool)[targets])
 
 
+#: Memory for one chunk of rows (as float64) of the statistics over Δloss and activations,
+#: which are read chunk by chunk from their (memory-mapped) arrays.
+STAT_CHUNK_BYTES = 16 << 20
+
+
+def _chunk_rows(x: np.ndarray) -> int:
+    """Rows per chunk of the statistics over ``x``'s rows: :data:`STAT_CHUNK_BYTES` of float64."""
+    return max(1, STAT_CHUNK_BYTES // (8 * max(1, int(x.shape[1]))))
+
+
+def _column_mean(x: np.ndarray, chunk_rows: int | None = None) -> np.ndarray:
+    """``x.astype(np.float64).mean(0)`` read chunk by chunk (bit for bit the same)."""
+    acc = ColumnSum(x.shape[1])
+    for _, block in RowChunks(x, chunk_rows=chunk_rows or _chunk_rows(x)):
+        acc.add(block)
+    return acc.mean()
+
+
 def _neuron_table(
-    delta: np.ndarray, rare: np.ndarray, common: np.ndarray, layer: int
+    delta: np.ndarray,
+    rare: np.ndarray,
+    common: np.ndarray,
+    layer: int,
+    *,
+    chunk_rows: int | None = None,
 ) -> NeuronTable:
-    d_rare = delta[rare].astype(np.float64)
-    d_common = delta[common].astype(np.float64)
+    """Means of ``|Δ|`` and ``Δ`` over the rare and the common rows of (memory-mapped) ``delta``.
+
+    Read ``chunk_rows`` rows at a time; equal bit for bit to the means over all rows at once
+    (see :class:`~raretoken.stats.regimes.ColumnSum`).
+    """
+    n_neu = int(delta.shape[1])
+    chunk_rows = chunk_rows or _chunk_rows(delta)
+
+    def means(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        absolute, signed = ColumnSum(n_neu), ColumnSum(n_neu)
+        for _, block in RowChunks(delta, rows, chunk_rows=chunk_rows):
+            d = block.astype(np.float64)
+            absolute.add(np.abs(d), owned=True)
+            signed.add(d, owned=True)
+        return absolute.mean(), signed.mean()
+
+    rare_abs, rare_signed = means(rare)
+    common_abs, common_signed = means(common)
     return NeuronTable(
         layer=layer,
-        neuron_ids=np.arange(delta.shape[1]),
-        delta_rare=np.abs(d_rare).mean(0),
-        delta_rare_signed=d_rare.mean(0),
-        delta_common=np.abs(d_common).mean(0),
-        delta_common_signed=d_common.mean(0),
+        neuron_ids=np.arange(n_neu),
+        delta_rare=rare_abs,
+        delta_rare_signed=rare_signed,
+        delta_common=common_abs,
+        delta_common_signed=common_signed,
     )

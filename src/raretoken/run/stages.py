@@ -7,8 +7,10 @@ rerun of a finished run touches neither.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,12 +23,13 @@ from tqdm.auto import tqdm
 from ..ablation.capture import Capture, capture_sample
 from ..ablation.exact import delta_loss_exact
 from ..ablation.fast import delta_loss_fast
-from ..ablation.inputs import inputs_from_adapter
+from ..ablation.inputs import AblationInputs, inputs_from_adapter
 from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
 from ..data.heldout import PASSAGE_CHARS, heldout_description, select_documents, split_passages
 from ..data.sampling import ContextSample, sample_until_rare, sample_windows
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
+from ..models.adapters import ModelAdapter
 from ..models.loading import (
     LoadedModel,
     ModelSpec,
@@ -102,6 +105,8 @@ class Stages:
     cache: ArrayCache
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    #: Positions per chunk of the ablation stage (default :data:`CHUNK_POSITIONS`).
+    chunk_positions: int | None = None
     _loaded: LoadedModel | None = None
 
     # ----------------------------------------------------------------- identities
@@ -291,15 +296,23 @@ class Stages:
     def capture(
         self, sample: ContextSample, sample_key: str, *, reference: bool
     ) -> tuple[Capture, str]:
+        """The captured arrays of ``sample`` (memory-mapped from the cache entry when caching).
+
+        The forward passes write batch by batch into the arrays of the cache entry being built
+        (see :func:`capture_sample`), so memory does not grow with the number of windows.
+        """
         kind = "reference" if reference else "main"
         key = self._capture_key(sample_key, kind)
-        hit = self.cache.load("capture", key)
+        hit = self.cache.load("capture", key, mmap=True)
         if hit is not None:
             return Capture.from_arrays(hit), key
         lm = self.loaded
         n_layers = lm.adapter.dims.n_layers
         desc = "reference windows (n̄)" if reference else "forward passes"
-        with tqdm(total=sample.n_windows, desc=desc, unit="win", disable=not self.progress) as bar:
+        with (
+            self.cache.writing("capture", key) as w,
+            tqdm(total=sample.n_windows, desc=desc, unit="win", disable=not self.progress) as bar,
+        ):
             cap = capture_sample(
                 lm.model,
                 lm.adapter,
@@ -309,45 +322,138 @@ class Stages:
                 block_index=None if reference else max(0, n_layers - 2),
                 acts_only=reference,
                 progress=bar.update,
+                allocate=w.array,
             )
-        self.cache.save("capture", key, cap.to_arrays())
-        return cap, key
+            if cap.block_index is not None:
+                w.put("block_index", np.asarray(cap.block_index))
+            arrays = w.commit(mmap=True)
+        return Capture.from_arrays(arrays), key
+
+    @property
+    def chunk_rows(self) -> int:
+        """Positions per chunk of the ablation stage (before rounding to the method's step)."""
+        return int(self.chunk_positions or CHUNK_POSITIONS)
 
     def ablation(
         self, cap: Capture, mean_acts: np.ndarray, capture_key: str, ref_key: str
     ) -> np.ndarray:
-        """``(n_positions, d_mlp)`` signed loss change of ablating each neuron to its mean."""
+        """``(n_positions, d_mlp)`` signed loss change of ablating each neuron to its mean.
+
+        The positions are ablated chunk by chunk (:attr:`chunk_rows`, rounded to a multiple of
+        the method's own step over positions so that every value is the one a single call over
+        all positions gives, bit for bit) and each chunk is written into the memory-mapped
+        array of the cache entry being built; the result is that array, read back
+        memory-mapped (in memory without a cache).
+        """
         cfg = self.cfg
         key = cache_key(
             "ablation",
             {"capture": capture_key, "reference": ref_key, "method": cfg.method, "tol": cfg.tol},
         )
-        hit = self.cache.load("ablation", key)
+        hit = self.cache.load("ablation", key, mmap=True)
         if hit is not None:
             return hit["delta"]
         lm = self.loaded
         device = resolved_device(cfg)
         dt = torch.float64 if cfg.dtype == "float64" else torch.float32
-        inputs = inputs_from_adapter(
-            lm.adapter,
-            torch.from_numpy(cap.resid),
-            torch.from_numpy(cap.acts),
-            torch.from_numpy(cap.targets),
-            torch.from_numpy(mean_acts),
-        ).to(device, dt)
-        n_pos = inputs.n_positions
-        with tqdm(
-            total=n_pos, desc="mean ablation (all neurons)", unit="pos", disable=not self.progress
-        ) as bar:
+        n_pos, n_neu = int(cap.acts.shape[0]), int(cap.acts.shape[1])
+        mean_t = torch.from_numpy(np.array(mean_acts))
+        n_fallback = 0
+        with (
+            self.cache.writing("ablation", key) as w,
+            tqdm(
+                total=n_pos, desc="mean ablation (all neurons)", unit="pos",
+                disable=not self.progress,
+            ) as bar,
+        ):  # fmt: skip
+            out = w.array("delta", (n_pos, n_neu), np.float32)
+            for sl, inputs in ablation_chunks(lm.adapter, cap, mean_t, self.chunk_rows, cfg.method,
+                                              device, dt):  # fmt: skip
+                out[sl], nf = _ablate(inputs, cfg.method, cfg.tol, bar.update)
+                n_fallback += nf
             if cfg.method == "fast":
-                delta_t, stats = delta_loss_fast(inputs, tol=cfg.tol, progress=bar.update)
-                log.info("exact fallback for %.3f%% of pairs", 100 * stats.fallback_rate)
-            elif cfg.method == "exact":
-                delta_t = delta_loss_exact(inputs).float()
-                bar.update(n_pos)
-            else:
-                delta_t = delta_loss_recompute(inputs, range(inputs.n_neurons)).float()
-                bar.update(n_pos)
-        delta = delta_t.numpy().astype(np.float32)
-        self.cache.save("ablation", key, {"delta": delta})
-        return delta
+                log.info("exact fallback for %.3f%% of pairs",
+                         100 * n_fallback / max(1, n_pos * n_neu))  # fmt: skip
+            return w.commit(mmap=True)["delta"]
+
+
+#: Positions per chunk of the ablation stage (rounded to the method's step; see
+#: :func:`ablation_chunks`).
+CHUNK_POSITIONS = 4096
+
+
+def _default(fn: Callable[..., Any], name: str) -> int:
+    return int(inspect.signature(fn).parameters[name].default)
+
+
+#: The defaults that set each method's own step over positions (read from the methods, so
+#: that a stage's chunk stays a multiple of it).
+_FAST_STEP = _default(delta_loss_fast, "chunk_positions")
+_NAIVE_STEP = _default(delta_loss_recompute, "chunk_positions")
+_EXACT_ELEMENTS = _default(delta_loss_exact, "chunk_elements")
+
+
+def method_step(method: str, vocab: int, n_neurons: int) -> int:
+    """Positions per step of the ablation method's own loop over positions.
+
+    Every position is computed within one such step, by the same operations whatever the
+    total, so a chunk that is a multiple of it gives the values of one call over all positions.
+    """
+    if method == "fast":
+        return _FAST_STEP
+    if method == "exact":
+        return max(1, _EXACT_ELEMENTS // (vocab * max(1, n_neurons)))
+    return _NAIVE_STEP
+
+
+def ablation_chunks(
+    adapter: ModelAdapter,
+    cap: Capture,
+    mean_acts: torch.Tensor,
+    chunk_positions: int,
+    method: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Iterator[tuple[slice, AblationInputs]]:
+    """The ablation inputs of consecutive chunks of positions, read from (memory-mapped) ``cap``.
+
+    Each chunk holds a multiple of the method's step (:func:`method_step`) of positions, at
+    least ``chunk_positions`` rounded down (one step when that is smaller than a step).
+    """
+    n_pos, n_neu = int(cap.acts.shape[0]), int(cap.acts.shape[1])
+    step = method_step(method, int(adapter.unembedding()[0].shape[0]), n_neu)
+    size = max(1, chunk_positions // step) * step
+    # the model's pieces, converted once; each chunk brings its own captured rows
+    empty = torch.zeros((0, 1))
+    pieces = inputs_from_adapter(adapter, empty, empty, empty.long()[:, 0], mean_acts)
+    pieces = pieces.to(device, dtype)
+    for start in range(0, max(n_pos, 1), size):  # an empty sample: one (invalid) chunk
+        sl = slice(start, min(n_pos, start + size))
+        yield (
+            sl,
+            dataclasses.replace(
+                pieces,
+                resid=torch.from_numpy(np.array(cap.resid[sl])).to(device=device, dtype=dtype),
+                acts=torch.from_numpy(np.array(cap.acts[sl])).to(device=device, dtype=dtype),
+                targets=torch.from_numpy(np.array(cap.targets[sl])).long().to(device),
+            ),
+        )
+
+
+def _ablate(
+    inputs: AblationInputs, method: str, tol: float, progress: Callable[[int], None]
+) -> tuple[np.ndarray, int]:
+    """``(positions, neurons)`` float32 Δloss of one chunk by ``method``, and the number of
+    pairs the fast method recomputed exactly."""
+    n_pos = inputs.n_positions
+    n_fallback = 0
+    if method == "fast":
+        delta_t, stats = delta_loss_fast(inputs, tol=tol, progress=progress)
+        n_fallback = stats.n_fallback
+    elif method == "exact":
+        delta_t = delta_loss_exact(inputs).float()
+        progress(n_pos)
+    else:
+        delta_t = delta_loss_recompute(inputs, range(inputs.n_neurons)).float()
+        progress(n_pos)
+    return delta_t.numpy().astype(np.float32, copy=False), n_fallback

@@ -78,7 +78,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,10 +90,12 @@ from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from ._common import finite_or_none, from_nan_list, frozen, nan_list
 
 __all__ = [
+    "ColumnSum",
     "PiecewiseLinearFit",
     "RegimeBootstrap",
     "RegimeFit",
     "RegimeSettings",
+    "RowChunks",
     "SegmentFit",
     "bootstrap_regimes",
     "fit_regimes",
@@ -780,8 +782,109 @@ class RegimeBootstrap:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class RowChunks:
+    """The rows ``source[rows]`` (``|·|`` with ``absolute``) of a large 2-D array, read in chunks.
+
+    Stands for the ``(n_rows, n_cols)`` matrix ``source[rows]`` without building it: each
+    chunk of ``chunk_rows`` rows is read (from a memory map, say) into a fresh in-memory array
+    of :attr:`dtype` when iterated. :func:`bootstrap_regimes` accepts it in place of the matrix.
+
+    Attributes
+    ----------
+    source:
+        ``(n, n_cols)`` array, e.g. a read-only :class:`numpy.memmap`.
+    rows:
+        Row indices into ``source`` (``None``: all rows in order).
+    absolute:
+        Yield absolute values.
+    chunk_rows:
+        Rows per chunk.
+    """
+
+    source: np.ndarray
+    rows: np.ndarray | None = None
+    absolute: bool = False
+    chunk_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.source.ndim != 2:
+            raise ConfigError(f"the source must be 2-D (rows, columns), got {self.source.shape}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.rows is not None:
+            rows = np.asarray(self.rows)
+            if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+                raise ConfigError("rows must be a 1-D array of row indices")
+            rows = rows.astype(np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.source.shape[0]):
+                raise ConfigError(f"row indices must lie in [0, {self.source.shape[0]})")
+            object.__setattr__(self, "rows", rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.source.shape[0] if self.rows is None else self.rows.size
+        return int(n), int(self.source.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The floating dtype of the chunks (the source's, float64 for a non-float source)."""
+        dt = np.dtype(self.source.dtype)
+        return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
+
+    def __iter__(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(slice of the rows, (rows, n_cols) array)`` per chunk, in row order."""
+        n = self.shape[0]
+        for start in range(0, n, self.chunk_rows):
+            sl = slice(start, min(n, start + self.chunk_rows))
+            part = self.source[sl] if self.rows is None else self.source[self.rows[sl]]
+            block = np.array(part, dtype=self.dtype)  # always a copy: safe to change in place
+            if self.absolute:
+                np.abs(block, out=block)
+            yield sl, block
+
+
+class ColumnSum:
+    """Float64 column sums (and means) of rows added chunk by chunk.
+
+    NumPy sums a C-ordered matrix over axis 0 row after row, so adding the running total to
+    the first row of each chunk and summing the chunk continues that same sequence: the
+    result equals ``x.sum(axis=0, dtype=np.float64)`` (and :meth:`mean` equals
+    ``x.mean(axis=0, dtype=np.float64)``) over all rows at once, bit for bit.
+    """
+
+    def __init__(self, n_cols: int) -> None:
+        self.n_cols = int(n_cols)
+        self.n_rows = 0
+        self._total: np.ndarray | None = None
+
+    def add(self, block: np.ndarray, *, owned: bool = False) -> None:
+        """Add the rows of ``block``; with ``owned`` a C-ordered float64 ``block`` is reused
+        as scratch space (its first row changes)."""
+        if block.shape[0] == 0:
+            return
+        if owned and block.dtype == np.float64 and block.flags.c_contiguous:
+            b = block
+        else:
+            b = np.array(block, dtype=np.float64, order="C")
+        if self._total is not None:
+            b[0] += self._total
+        self._total = b.sum(axis=0)
+        self.n_rows += int(b.shape[0])
+
+    @property
+    def total(self) -> np.ndarray:
+        return np.zeros(self.n_cols) if self._total is None else self._total
+
+    def mean(self) -> np.ndarray:
+        """Column means (NaN without rows, like the mean of an empty slice)."""
+        if self._total is None:
+            return np.full(self.n_cols, np.nan)
+        return self._total / self.n_rows
+
+
 def bootstrap_regimes(
-    per_position: np.ndarray,
+    per_position: np.ndarray | RowChunks,
     neuron_ids: np.ndarray | None = None,
     *,
     n_boot: int = 200,
@@ -801,10 +904,19 @@ def bootstrap_regimes(
     positions, 100 resamples) the 95 % interval of ``κ`` held the true value ~85 % of the
     time, because sorting noisy means and the discrete breakpoints add small biases.
 
+    A matrix too large for memory can be passed as :class:`RowChunks` (e.g. rows of a
+    memory-mapped array): the column means and every resample's multiplicity-weighted means
+    (``weights @ chunk``, accumulated in float64 over the chunks) are then computed chunk by
+    chunk. The random draws are the same; the estimate is identical bit for bit, and so are the
+    resample means whenever the rows fit in one chunk (with several chunks they differ from
+    one product over all rows by float rounding of the partial sums only, ~1e-7 relative in
+    float32).
+
     Parameters
     ----------
     per_position:
-        ``(n_positions, n_neurons)`` values ``|L - L~(i)|`` per scored position.
+        ``(n_positions, n_neurons)`` values ``|L - L~(i)|`` per scored position, or the same
+        as :class:`RowChunks`.
     neuron_ids:
         Id of every column (default ``0..n_neurons-1``).
     n_boot:
@@ -814,15 +926,20 @@ def bootstrap_regimes(
     level:
         Confidence level of the intervals.
     """
-    x = np.asarray(per_position)
-    if x.ndim != 2:
-        raise ConfigError(f"per_position must be 2-D (positions, neurons), got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float64)
-    n_pos, n_neu = x.shape
+    chunks = per_position if isinstance(per_position, RowChunks) else None
+    if chunks is None:
+        x = np.asarray(per_position)
+        if x.ndim != 2:
+            raise ConfigError(f"per_position must be 2-D (positions, neurons), got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
+        n_pos, n_neu = x.shape
+        dtype = x.dtype
+    else:
+        (n_pos, n_neu), dtype = chunks.shape, chunks.dtype
     if n_pos < 2:
         raise InsufficientDataError(f"bootstrap needs >= 2 positions, got {n_pos}")
-    if not np.all(np.isfinite(x)):
+    if chunks is None and not np.all(np.isfinite(x)):
         raise NumericalError("per_position contains NaN or infinite values")
     if n_boot < 1:
         raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
@@ -832,7 +949,26 @@ def bootstrap_regimes(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     ids = _check_ids(neuron_ids, n_neu)
     rng = as_generator(seed)
-    estimate = fit_regimes(x.mean(axis=0, dtype=np.float64), ids, **fit_kw)
+    if chunks is None:
+        column_mean = x.mean(axis=0, dtype=np.float64)
+    else:
+        acc = ColumnSum(n_neu)
+        for _, block in chunks:  # one pass: finiteness and the column means
+            if not np.all(np.isfinite(block)):
+                raise NumericalError("per_position contains NaN or infinite values")
+            acc.add(block)
+        column_mean = acc.mean()
+    estimate = fit_regimes(column_mean, ids, **fit_kw)
+
+    def weighted_means(weights: np.ndarray) -> np.ndarray:
+        if chunks is None:
+            return (weights @ x).astype(np.float64)
+        out: np.ndarray | None = None
+        for sl, block in chunks:
+            part = weights[:, sl] @ block
+            out = part.astype(np.float64) if out is None else out + part
+        assert out is not None
+        return out
 
     kappa = np.empty(n_boot)
     r1 = np.full(n_boot, np.nan)
@@ -843,11 +979,11 @@ def bootstrap_regimes(
     col_of = {int(v): i for i, v in enumerate(ids.tolist())}
     for b0 in range(0, n_boot, batch_size):
         nb = min(batch_size, n_boot - b0)
-        weights = np.zeros((nb, n_pos), dtype=x.dtype)
+        weights = np.zeros((nb, n_pos), dtype=dtype)
         for j in range(nb):
             draw = rng.integers(0, n_pos, size=n_pos)
             weights[j] = np.bincount(draw, minlength=n_pos) / n_pos
-        deltas = (weights @ x).astype(np.float64)
+        deltas = weighted_means(weights)
         for j in range(nb):
             fit = fit_regimes(deltas[j], ids, **fit_kw)
             k = b0 + j
