@@ -16,6 +16,7 @@ import numpy as np
 
 from .._faults import checkpoint
 from ..data.sampling import ContextSample
+from ..data.split_checks import MIN_RARE_POSITIONS
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError
 from ..stats.regimes import (
@@ -33,8 +34,6 @@ from .stages import Stages, open_cache
 
 log = logging.getLogger(__name__)
 
-#: Fewest rare-target positions the rare-side regime fit is run on.
-MIN_RARE_POSITIONS = 10
 
 
 @dataclass(frozen=True, eq=False)
