@@ -35,7 +35,6 @@ from .stages import Stages, open_cache
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, eq=False)
 class NeuronTable:
     """Per-neuron Δloss of the final MLP layer (eq. 3), one row per neuron id.
