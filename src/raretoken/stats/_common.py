@@ -28,6 +28,16 @@ def frozen(a: np.ndarray | Sequence[Any], dtype: Any = None) -> np.ndarray:
     return out
 
 
+def fmt_number(v: float | None, digits: int = 3) -> str:
+    """``v`` for tables: ``n/a`` when missing or not finite, scientific when very small or
+    large, else ``digits`` significant digits."""
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    if v != 0.0 and (abs(v) < 10.0 ** -(digits - 1) or abs(v) >= 1e5):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
 def finite_or_none(v: float | None) -> float | None:
     """``v`` as a float, or ``None`` when it is ``None``, NaN or infinite (for JSON)."""
     if v is None:

@@ -53,6 +53,7 @@ from scipy import stats as sps
 
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.stats._common import finite_or_none, frozen, nan_list, require_seed
+from raretoken.stats._common import fmt_number as _fmt
 from raretoken.stats.regimes import RegimeFit, fit_regimes
 
 logger = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ __all__ = [
 
 #: A regime fit: ``fit(delta, neuron_ids)`` with ``.has_plateau`` and ``.plateau_neurons``.
 FitFn = Callable[[np.ndarray, np.ndarray], RegimeFit]
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    if v != 0.0 and (abs(v) < 10.0 ** -(digits - 1) or abs(v) >= 1e5):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
 
 
 def _window_ids(window_ids: np.ndarray | Sequence[int]) -> np.ndarray:

@@ -56,6 +56,7 @@ from scipy import stats as sps
 
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.stats._common import finite_or_none, frozen, nan_list
+from raretoken.stats._common import fmt_number as _fmt
 
 __all__ = [
     "Selectivity",
@@ -64,14 +65,6 @@ __all__ = [
     "selectivity",
     "top_overlap",
 ]
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    if v != 0.0 and (abs(v) < 10.0 ** -(digits - 1) or abs(v) >= 1e5):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
 
 
 def _vector(x: np.ndarray | Sequence[float], name: str) -> np.ndarray:
