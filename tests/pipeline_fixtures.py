@@ -34,8 +34,11 @@ def tiny_overrides(model_dir: Path, corpus: Path) -> dict[str, object]:
     return {
         "model": str(model_dir),
         "corpus": str(corpus),
+        "sampling": "windows",
         "n_windows": 8,
         "window_len": 64,
+        "scoring": "rare+common",
+        "max_common": 200,
         "reference_windows": 2,
         "heldout_fraction": 0.3,
         "n_boot": 5,

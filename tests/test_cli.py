@@ -87,14 +87,14 @@ def test_analyze_an_existing_run_directory(
     out = capsys.readouterr().out
     assert "Organisation" not in out and not (run_dir / "analyses").exists()
     argv = ["analyze", str(run_dir), "--no-progress", "--cache-dir", str(root / "cache"),
-            "--robustness", "--percentiles", "10,30", "--no-routing", "--n-random", "6",
+            "--robustness", "--percentiles", "10,20", "--no-routing", "--n-random", "6",
             "--tau", "0.8", "--mi-bins", "3"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Organisation of the rare-token neurons" in out
     robust = (run_dir / "analyses" / "robustness.csv").read_text().splitlines()
     assert {line.split(",")[0] for line in robust[1:]} == {
-        "p10/plateau", "p10/topk", "p10/selective", "p30/plateau", "p30/topk", "p30/selective"
+        "p10/plateau", "p10/topk", "p10/selective", "p20/plateau", "p20/topk", "p20/selective"
     }  # fmt: skip
     assert not (run_dir / "analyses" / "routing.md").exists()
     manifest = json.loads((run_dir / "manifest.json").read_text())

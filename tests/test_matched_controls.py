@@ -48,7 +48,7 @@ def test_a_confounded_finding_disappears_against_matched_controls() -> None:
     uniform = coordination_analysis(acts, ids, random_control_groups(ids, 300, 50, seed=0),
                                     group_name="plateau")  # fmt: skip
     assert uniform.comparison.p_value < 0.05  # 'coordinated' against uniform random groups
-    m = matched_controls(SimpleNamespace(acts=acts), group, acts, w_out, w_out,  # type: ignore[arg-type]
+    m = matched_controls(SimpleNamespace(acts=acts, uniform_positions=np.arange(acts.shape[0])), group, acts, w_out, w_out,  # type: ignore[arg-type]
                          n_random=50, seed=0)  # fmt: skip
     assert m.coordination is not None and m.coordination.p_value > 0.05  # not vs matched
     smd = {b.name: b.smd_matched for b in m.balance}
@@ -67,7 +67,7 @@ def test_a_confounded_finding_disappears_against_matched_controls() -> None:
 def test_matched_controls_are_reproducible_and_exclude_the_group() -> None:
     acts, w_out, ids = _confounded(1)
     group = NeuronGroup("plateau", "plateau", ids)
-    ns = SimpleNamespace(acts=acts)
+    ns = SimpleNamespace(acts=acts, uniform_positions=np.arange(acts.shape[0]))
     a = matched_controls(ns, group, acts, w_out, w_out, n_random=20, seed=3)  # type: ignore[arg-type]
     b = matched_controls(ns, group, acts, w_out, w_out, n_random=20, seed=3)  # type: ignore[arg-type]
     assert a.to_dict() == b.to_dict()

@@ -150,3 +150,41 @@ def test_model_identity_of_the_embedded_model_ignores_where_it_is_installed(
     before = stages_mod.spec_identity(make_config(overrides={"model": str(tmp_path)}))
     (tmp_path / "config.json").write_text('{"n_layer": 2}')
     assert stages_mod.spec_identity(make_config(overrides={"model": str(tmp_path)})) != before
+
+
+def test_scoring_keeps_every_rare_target_and_a_uniform_common_sample(
+    setup: tuple[Path, Path, Path],
+) -> None:
+    """The default scoring: every target rare at ``score_percentile`` scored, the common
+    positions of the split drawn from the uniform sample only, the cost stated in the summary;
+    ``scoring="all"`` scores every window position and reads all of them as the sample."""
+    from raretoken.data.token_stats import split_rare_common
+
+    root, model_dir, corpus = setup
+    cfg = make_config(overrides=tiny_overrides(model_dir, corpus))
+    res = identify(cfg, root / "run-scoring", cache_dir=root / "cache", progress=False)
+    sample = res.sample
+    always = split_rare_common(res.counts, percentile=cfg.score_percentile, check=False)
+    rare_t = always.masks()[0][sample.target_ids] & sample.window_mask()
+    assert np.all(sample.target_mask[rare_t])
+    assert sample.target_mask.sum() < sample.window_mask().sum()
+    targets = sample.target_ids[sample.target_mask]
+    rare_m = res.split.masks()[0]
+    assert np.array_equal(res.rare_positions, np.flatnonzero(rare_m[targets]))
+    assert np.isin(res.common_positions, res.uniform_positions).all()
+    assert res.common_positions.size == min(cfg.max_common, res.scoring.n_common_available)
+    positions = pq.read_table(root / "run-scoring" / "positions.parquet").to_pandas()
+    assert positions["uniform_sample"].sum() == res.uniform_positions.size
+    summary = (root / "run-scoring" / "summary.md").read_text()
+    assert f"scored {res.scoring.n_scored:,} of them" in summary
+    assert "(position, neuron) pairs" in summary
+
+    full = identify(make_config(overrides=dict(tiny_overrides(model_dir, corpus), scoring="all")),
+                    root / "run-scoring-all", cache_dir=root / "cache", progress=False)  # fmt: skip
+    assert full.sample.target_mask.sum() == full.sample.window_mask().sum()
+    assert np.array_equal(full.uniform_positions, np.arange(full.sample.n_positions))
+    # the same windows: the rare rows of the narrowed run are the full run's rare rows
+    assert np.allclose(
+        full.delta[full.rare_positions], res.delta[res.rare_positions], atol=1e-6
+    )
+    assert "Read and scored every position" in (root / "run-scoring-all" / "summary.md").read_text()

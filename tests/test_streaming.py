@@ -176,7 +176,7 @@ def test_chunked_ablation_equals_one_call_over_all_positions(
 ) -> None:
     _, model_dir, corpus = setup
     cfg = make_config(overrides=dict(tiny_overrides(model_dir, corpus), n_windows=16,
-                                     method=method))  # fmt: skip
+                                     method=method, scoring="all"))  # fmt: skip
     st = Stages(cfg, ArrayCache(tmp_path / "cache"), progress=False, chunk_positions=200)
     cap, mean_acts, cap_key, ref_key = _stage_inputs(st)
     assert isinstance(cap.acts, np.memmap) and isinstance(cap.resid, np.memmap)

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("raretoken")
 
 _HELP = {
-    "preset": "scale preset: demo (default, ~10 min on a 2-core CPU) or paper (49x512 tokens)",
+    "preset": "scale preset: demo (default: 400 rare targets, ~10 min on a 2-core CPU), paper "
+    "(2,000 rare targets) or paper-windows (the paper's literal 49x512 windows, all scored)",
     "model": "'embedded' (SmolLM2-135M GGUF), a Hugging Face id, a local directory or a .gguf file",
     "revision": "hub revision (branch, tag or commit; e.g. Pythia 'step143000')",
     "gguf_file": "GGUF file name inside a model directory",
@@ -40,6 +41,11 @@ _HELP = {
     "n_windows": "number of context windows (mode 'windows')",
     "window_len": "scored tokens per window",
     "n_rare": "rare-target positions to collect (mode 'until_rare')",
+    "scoring": "'rare+common' (every rare target and a uniform sample holding max_common "
+    "common targets; default) or 'all' (every position of the windows)",
+    "max_common": "common-target positions scored (scoring 'rare+common')",
+    "score_percentile": "every target rare at this percentile is scored (>= percentile; "
+    "the robustness sweep's percentiles above it are skipped)",
     "max_stream_tokens": "most corpus tokens read while sampling",
     "reference_windows": "windows (disjoint from the scored ones) for the mean activations n̄",
     "bos": "'none' or 'prepend' a BOS token to every window",

@@ -150,7 +150,8 @@ def capture_sample(
                 else None
             )
             with torch.no_grad():
-                logits = model(input_ids=ids).logits
+                # the decoder only; the LM head runs below on the scored positions alone
+                hidden = adapter.hidden_states(ids)
         acts = got_acts[-1][:, :-1][m].float().cpu().numpy()
         end = row + acts.shape[0]
         if acts.shape[1:] != acts_out.shape[1:] or end > n_pos:
@@ -164,7 +165,8 @@ def capture_sample(
             resid = got_resid[-1][:, :-1][m].float().cpu().numpy()
             resid_out[row:end] = resid
             bad_resid += _n_nonfinite(resid)
-            z = logits[:, :-1][m].float()
+            with torch.no_grad():
+                z = adapter.lm_logits(hidden[:, :-1][m]).float()
             tgt = ids[:, 1:][m]
             loss = torch.logsumexp(z, -1) - z.gather(1, tgt[:, None]).squeeze(1)
             loss_out[row:end] = loss.cpu().numpy()

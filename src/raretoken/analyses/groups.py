@@ -222,10 +222,22 @@ def split_positions(
 ) -> tuple[np.ndarray, np.ndarray, FrequencySplit]:
     """Rare and common scored positions (rows of ``ident.acts``) at another percentile.
 
+    Rare positions are every scored position with a rare target (all of them are scored up to
+    the run's ``score_percentile``; a higher percentile is refused with
+    :class:`InsufficientDataError`, since its rare targets were only sampled); common positions
+    are those of the uniform sample of positions (:mod:`raretoken.data.scoring`).
+
     Returns
     -------
     rare_positions, common_positions, split
     """
+    cfg = ident.config
+    if ident.sample.scoring != "all" and percentile > cfg.score_percentile:
+        raise InsufficientDataError(
+            f"the run scored every rare target up to the {cfg.score_percentile:g}th percentile "
+            f"only; rerun identification with --score-percentile {percentile:g} to analyse the "
+            f"{percentile:g}th"
+        )
     split = split_rare_common(ident.counts, percentile=percentile)
     rare_mask, common_mask = split.masks()
     targets = ident.sample.target_ids[ident.sample.target_mask]
@@ -233,7 +245,8 @@ def split_positions(
         raise ConfigError(
             f"the sample scores {targets.size} positions but acts has {ident.acts.shape[0]} rows"
         )
-    return np.flatnonzero(rare_mask[targets]), np.flatnonzero(common_mask[targets]), split
+    common = np.intersect1d(np.flatnonzero(common_mask[targets]), ident.uniform_positions)
+    return np.flatnonzero(rare_mask[targets]), common, split
 
 
 def group_for_split(

@@ -175,7 +175,7 @@ def matched_controls(
     ``rows`` are the activation rows of the coordination and spatial analyses, ``weights``
     the spectral analysis' weights, ``w_out`` the output weights (for the covariate).
     """
-    covs = matching_covariates(ident.acts, w_out)
+    covs = matching_covariates(ident.acts[ident.uniform_positions], w_out)
     ss_groups, ss_spatial = np.random.SeedSequence([seed, 1]).spawn(2)
     matched = matched_random_groups(
         group.neuron_ids,

@@ -243,7 +243,7 @@ def analyses_for_split(
     rgroups = random_control_groups(
         group, n_neurons, n_random, seed=np.random.default_rng(ss_groups)
     )
-    rows = acts if coordination_positions == "all" else acts[rare]
+    rows = acts[ident.uniform_positions] if coordination_positions == "all" else acts[rare]
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
 
@@ -304,6 +304,7 @@ def analyses_for_split(
                 group_name=group.name,
                 impact_positions=impact_positions,
                 n_random=n_random,
+                uniform_positions=ident.uniform_positions,
             ),
         )
     return SplitAnalyses(

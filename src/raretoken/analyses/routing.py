@@ -381,6 +381,7 @@ def routing_analysis(
     n_top: int = 3,
     n_random: int = 100,
     n_permutations: int = 10_000,
+    uniform_positions: np.ndarray | None = None,
 ) -> RoutingResult:
     """Compare rare vs common attention concentration and single-head vs layer ablation.
 
@@ -404,6 +405,9 @@ def routing_analysis(
         Most random comparison heads (drawn without replacement from the others).
     n_permutations:
         Permutations of each impact comparison.
+    uniform_positions:
+        The rows that stand for "all" positions (the uniform sample of positions when only
+        some are scored, see :mod:`raretoken.data.scoring`); default every row.
 
     Raises
     ------
@@ -434,7 +438,10 @@ def routing_analysis(
         g[:, rare], g[:, common], gini_values.heads, variant=gini_values.variant
     )
 
-    pos = None if impact_positions == "all" else rare
+    if impact_positions == "all":
+        pos = None if uniform_positions is None else np.asarray(uniform_positions, np.int64)
+    else:
+        pos = rare
     single = ablation.single
     whole = ablation.whole_layer
     heads = ablation.ablations[single]

@@ -270,7 +270,11 @@ def run_analyses(
     matched = matched_controls(
         ident,
         group,
-        ident.acts if coordination_positions == "all" else ident.acts[ident.rare_positions],
+        (
+            ident.acts[ident.uniform_positions]
+            if coordination_positions == "all"
+            else ident.acts[ident.rare_positions]
+        ),
         layer_weights(adapter, weight_name),
         layer_weights(adapter, "out"),
         n_random=n_rand,

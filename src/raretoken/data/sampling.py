@@ -88,6 +88,11 @@ class ContextSample:
     n_stream_tokens, stream_fingerprint
         Length and BLAKE2 hash of the token stream the windows come from (samples are
         comparable, e.g. for non-overlap, only on the same stream).
+    uniform_mask, scoring, max_common
+        Which positions are scored (see :mod:`raretoken.data.scoring`): ``scoring="all"``
+        scores every window position (``uniform_mask`` is ``None``); ``"rare+common"`` scores
+        every rare target and the uniform sample ``uniform_mask`` of positions holding
+        ``max_common`` common targets.
     """
 
     input_ids: np.ndarray
@@ -101,6 +106,21 @@ class ContextSample:
     mode: str
     n_stream_tokens: int
     stream_fingerprint: str
+    uniform_mask: np.ndarray | None = None
+    scoring: str = "all"
+    max_common: int | None = None
+
+    def window_mask(self) -> np.ndarray:
+        """``(n_windows, seq_len - 1)`` the window's own targets (every position the windows
+        could score, whatever :attr:`target_mask` keeps)."""
+        mask = np.ones(self.target_ids.shape, dtype=bool)
+        if self.bos_policy == "prepend":
+            mask[:, 0] = False
+        return mask
+
+    def window_positions(self) -> np.ndarray:
+        """Flat indices into ``target_ids.ravel()`` of :meth:`window_mask`."""
+        return np.flatnonzero(self.window_mask().ravel())
 
     @property
     def n_windows(self) -> int:
@@ -153,6 +173,9 @@ class ContextSample:
             "mode": np.asarray(self.mode, dtype=np.str_),
             "n_stream_tokens": np.asarray(self.n_stream_tokens, dtype=np.int64),
             "stream_fingerprint": np.asarray(self.stream_fingerprint, dtype=np.str_),
+            "scoring": np.asarray(self.scoring, dtype=np.str_),
+            "max_common": np.asarray(-1 if self.max_common is None else self.max_common),
+            **({} if self.uniform_mask is None else {"uniform_mask": self.uniform_mask}),
         }
 
     @classmethod
@@ -170,6 +193,15 @@ class ContextSample:
             mode=str(arrays["mode"]),
             n_stream_tokens=int(arrays["n_stream_tokens"]),
             stream_fingerprint=str(arrays["stream_fingerprint"]),
+            uniform_mask=(
+                np.asarray(arrays["uniform_mask"], dtype=bool) if "uniform_mask" in arrays else None
+            ),
+            scoring=str(arrays["scoring"]) if "scoring" in arrays else "all",
+            max_common=(
+                None
+                if "max_common" not in arrays or int(arrays["max_common"]) < 0
+                else int(arrays["max_common"])
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +217,13 @@ class ContextSample:
             "n_stream_tokens": self.n_stream_tokens,
             "stream_fingerprint": self.stream_fingerprint,
             "n_documents": len(set(self.doc_ids)),
+            "scoring": self.scoring,
+            "max_common": self.max_common,
+            "n_uniform": (
+                self.n_positions
+                if self.uniform_mask is None
+                else int(np.count_nonzero(self.uniform_mask))
+            ),
         }
 
 

@@ -327,6 +327,18 @@ class ModelAdapter(ABC):
         bias = None if head.bias is None else head.bias.detach()
         return head.weight.detach(), bias
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``(batch, seq, d_model)`` (after the final norm), without
+        running the LM head over every position."""
+        out = self.base_model()(input_ids=input_ids)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (the LM head; a family that post-processes its logits,
+        e.g. soft-capping, overrides this)."""
+        head = self.model.get_output_embeddings()
+        return head(hidden)
+
 
 class GPT2Adapter(ModelAdapter):
     """GPT-2: ``transformer.h[l]`` with ``Conv1D`` projections, ``ln_f`` and a tied LM head."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._faults import checkpoint
 from ..data.sampling import ContextSample
+from ..data.scoring import ScoringSummary, scoring_summary, uniform_rows, window_rows
 from ..data.split_checks import MIN_RARE_POSITIONS
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError
@@ -64,6 +65,12 @@ class Identification:
     sample: ContextSample
     rare_positions: np.ndarray
     common_positions: np.ndarray
+    #: Rows (scored positions) in the uniform sample of positions (every row with
+    #: ``scoring="all"``): what statistics over "all positions" read.
+    uniform_positions: np.ndarray
+    #: The window of every row (for bootstraps by window).
+    position_windows: np.ndarray
+    scoring: ScoringSummary
     neurons: NeuronTable
     rare_fit: RegimeFit
     common_fit: RegimeFit
@@ -77,6 +84,8 @@ class Identification:
     stages: Stages
     #: Cache keys of the stages and the ablation settings: what the analyses' key builds on.
     keys: dict[str, object] = field(default_factory=dict)
+    #: Seconds each stage took in this invocation (a stage read from the cache takes ~0).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def plateau_neurons(self) -> np.ndarray:
@@ -123,22 +132,31 @@ def identify(
 
     checkpoint("sampling")
     t = time.perf_counter()
-    sample, ref, sample_key, ref_key = st.samples(split)
+    always = (
+        split_rare_common(counts, percentile=cfg.score_percentile, check=False)
+        if cfg.scoring == "rare+common"
+        else split
+    )
+    sample, ref, sample_key, ref_key = st.samples(split, always)
     rare_mask, common_mask = split.masks()
+    uniform_pos = uniform_rows(sample)
     rare_pos = _scored_index(sample, rare_mask)
-    common_pos = _scored_index(sample, common_mask)
+    common_pos = np.intersect1d(_scored_index(sample, common_mask), uniform_pos)
+    scoring = scoring_summary(sample, always.masks()[0], common_mask)
     timed(
         "sampling",
         t,
         key=sample_key,
+        n_windows=sample.n_windows,
         n_rare_positions=len(rare_pos),
         n_common_positions=len(common_pos),
+        scoring=scoring.to_dict(),
     )
     if len(rare_pos) < MIN_RARE_POSITIONS:
         raise InsufficientDataError(
             f"only {len(rare_pos)} rare-target positions in {sample.n_positions} scored tokens "
-            f"(the regime fit needs at least {MIN_RARE_POSITIONS}); use more windows "
-            "(--n-windows), --sampling until_rare, or a higher --percentile"
+            f"(the regime fit needs at least {MIN_RARE_POSITIONS}); use --sampling until_rare "
+            "with --n-rare, more windows (--n-windows), or a higher --percentile"
         )
 
     checkpoint("forward")
@@ -184,6 +202,9 @@ def identify(
         sample=sample,
         rare_positions=rare_pos,
         common_positions=common_pos,
+        uniform_positions=uniform_pos,
+        position_windows=window_rows(sample),
+        scoring=scoring,
         neurons=neurons,
         rare_fit=rare_fit,
         common_fit=common_fit,
@@ -203,6 +224,7 @@ def identify(
             "method": cfg.method,
             "tol": cfg.tol,
         },
+        stage_seconds={k: float(v["seconds"]) for k, v in stages.items()},  # type: ignore[arg-type]
     )
 
     def write(run: RunDirectory) -> None:

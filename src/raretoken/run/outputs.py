@@ -76,12 +76,16 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     win, pos = np.nonzero(res.sample.target_mask)
     rare_m, common_m = res.split.masks()
     klass = np.where(rare_m[targets], "rare", np.where(common_m[targets], "common", "excluded"))
+    uniform = np.zeros(targets.size, dtype=bool)
+    uniform[res.uniform_positions] = True
     write_parquet(out / "positions.parquet", {
         "window": win, "position": pos, "target_id": targets,
         "target_token": res.token_strings[targets], "class": klass, "base_loss": res.base_loss,
+        "uniform_sample": uniform,
     })  # fmt: skip
     run.record_output("positions", "positions.parquet",
-                      "every scored position: window, position, target token, class, base loss")  # fmt: skip
+                      "every scored position: window, position, target token, class, base loss, "
+                      "whether it belongs to the uniform sample of positions")  # fmt: skip
 
     counts = np.asarray(res.counts.counts)
     tok_class = np.where(rare_m, "rare", np.where(common_m, "common", "excluded"))
@@ -94,7 +98,7 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     )
     atomic_write_json(out / "token_split.json", {
         "counts": res.counts.to_dict(), "split": res.split.to_dict(include_ids=False),
-        "sample": res.sample.to_dict(),
+        "sample": res.sample.to_dict(), "scoring": res.scoring.to_dict(),
         "n_rare_positions": len(res.rare_positions), "n_common_positions": len(res.common_positions),
     })  # fmt: skip
     run.record_output("token_split", "token_split.json",
@@ -143,9 +147,7 @@ def identification_summary(res: Identification) -> str:
         f"({sp.n_excluded:,} token types excluded).",
         f"- Rare = the {sp.percentile:g}th percentile of retained types (count ≤ {sp.rare_max_count}): "
         f"{sp.n_rare:,} rare and {sp.n_common:,} common types.",
-        f"- Scored {res.sample.n_positions:,} positions ({res.sample.n_windows} windows × "
-        f"{res.sample.window_len}): **{len(res.rare_positions)} rare-target** and "
-        f"{len(res.common_positions):,} common-target positions.",
+        *_scoring_lines(res),
         "",
         "## Final-layer neurons (mean ablation, eq. 2–3)",
     ]
@@ -179,6 +181,35 @@ def identification_summary(res: Identification) -> str:
     )
     lines += ["", "See `figures/rank_curve.png`, `neurons.parquet` and `manifest.json`.", ""]
     return "\n".join(lines)
+
+
+def _scoring_lines(res: Identification) -> list[str]:
+    """What was read and scored, and what that cost (issue: score what matters)."""
+    sc, sm = res.scoring, res.sample
+    read = f"{sm.n_windows:,} windows × {sm.window_len} tokens ({sc.n_window_positions:,} targets)"
+    ablation = res.stage_seconds.get("ablation")
+    forward = res.stage_seconds.get("forward")
+    pairs = sc.n_scored * res.neurons.neuron_ids.size
+    cost = f" Ablation: {pairs:,} (position, neuron) pairs."
+    if ablation is not None and forward is not None:
+        cost += (
+            f" In this invocation the forward passes took {forward:.0f} s and the ablation "
+            f"{ablation:.0f} s (stages read from the cache take about 0 s)."
+        )
+    rare = f"**{len(res.rare_positions):,} rare-target positions**"
+    if sc.scoring == "all":
+        return [
+            f"- Read and scored every position of {read}: {rare} and "
+            f"{len(res.common_positions):,} common-target positions.{cost}"
+        ]
+    return [
+        f"- Read {read}; scored {sc.n_scored:,} of them ({sc.saving:.1f}× fewer than every "
+        f"position): all {rare} (every target rare at the "
+        f"{res.config.score_percentile:g}th percentile is scored, {sc.n_always:,} positions) and a "
+        f"seeded uniform sample of {sc.n_uniform:,} positions holding "
+        f"{len(res.common_positions):,} of the windows' {sc.n_common_available:,} common-target "
+        f"positions (`--max-common {sc.max_common}`).{cost}",
+    ]
 
 
 def read_json(path: Path) -> Any:

@@ -28,6 +28,7 @@ from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
 from ..data.heldout import PASSAGE_CHARS, heldout_description, select_documents, split_passages
 from ..data.sampling import ContextSample, sample_until_rare, sample_windows
+from ..data.scoring import score_rare_and_sample
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
 from ..models.adapters import ModelAdapter
 from ..models.loading import (
@@ -234,8 +235,44 @@ class Stages:
             parts["n_windows"] = cfg.reference_windows
         return cache_key("sample", parts)
 
-    def samples(self, split: FrequencySplit) -> tuple[ContextSample, ContextSample, str, str]:
-        """The scored context windows and the disjoint reference windows for n̄."""
+    def samples(
+        self, split: FrequencySplit, always: FrequencySplit | None = None
+    ) -> tuple[ContextSample, ContextSample, str, str]:
+        """The scored context windows and the disjoint reference windows for n̄.
+
+        With ``scoring="rare+common"`` the windows score every target rare at ``always`` (the
+        split at ``score_percentile``; default ``split``) and a uniform sample holding
+        ``max_common`` targets common at ``split`` (:mod:`raretoken.data.scoring`); the
+        returned key identifies the scored positions.
+        """
+        main, ref, main_key, ref_key = self._windows(split)
+        cfg = self.cfg
+        if cfg.scoring == "all":
+            return main, ref, main_key, ref_key
+        always_split = always if always is not None else split
+        always_mask = always_split.masks()[0]
+        common_mask = split.masks()[1]
+        scored = score_rare_and_sample(
+            main,
+            always_mask=always_mask,
+            common_mask=common_mask,
+            max_common=cfg.max_common,
+            seed=cfg.seed + 2,
+        )
+        key = cache_key(
+            "scored",
+            {
+                "windows": main_key,
+                "always_ids": cache_key("ids", {"ids": always_split.rare_ids.tolist()}),
+                "common_ids": cache_key("ids", {"ids": split.common_ids.tolist()}),
+                "max_common": cfg.max_common,
+                "seed": cfg.seed + 2,
+            },
+        )
+        return scored, ref, key, ref_key
+
+    def _windows(self, split: FrequencySplit) -> tuple[ContextSample, ContextSample, str, str]:
+        """The drawn windows (every position scored) and the reference windows."""
         cfg = self.cfg
         main_key = self._sample_key("main", split)
         ref_key = self._sample_key("reference", split) + main_key[:8]
