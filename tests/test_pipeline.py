@@ -188,3 +188,34 @@ def test_scoring_keeps_every_rare_target_and_a_uniform_common_sample(
         full.delta[full.rare_positions], res.delta[res.rare_positions], atol=1e-6
     )
     assert "Read and scored every position" in (root / "run-scoring-all" / "summary.md").read_text()
+
+
+def test_neuron_table_carries_the_covariates(setup: tuple[Path, Path, Path]) -> None:
+    """neurons.parquet has the per-neuron covariates, computed over the uniform sample of
+    positions (equal to calling the statistics directly), and the covariates figure."""
+    from raretoken.models.loading import ModelSpec, load_model
+    from raretoken.stats.covariates import neuron_covariates
+
+    root, model_dir, corpus = setup
+    cfg = make_config(overrides=tiny_overrides(model_dir, corpus))
+    res = identify(cfg, root / "run-covs", cache_dir=root / "cache", progress=False)
+    table = pq.read_table(root / "run-covs" / "neurons.parquet").to_pandas()
+    for col in ("w_out_norm", "w_in_norm_up", "w_in_norm_gate", "act_mean", "act_var",
+                "act_frac_positive", "vocab_kurtosis", "vocab_skew", "unigram_cosine",
+                "null_space_fraction"):  # fmt: skip
+        assert col in table.columns, col
+    adapter = load_model(ModelSpec(source=str(model_dir))).adapter
+    norm = adapter.final_norm()
+    counts = np.asarray(res.counts.counts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_freq = np.log(counts)
+    direct = neuron_covariates(
+        adapter.w_out(-1).detach(), {k: v.detach() for k, v in adapter.mlp_in_weights(-1).items()},
+        norm.weight.detach(), adapter.unembedding()[0],
+        np.asarray(res.acts[res.uniform_positions]), log_freq, norm_kind=norm.kind,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert np.allclose(table["act_abs_mean"], direct.act_abs_mean)
+    assert np.allclose(table["unigram_cosine"], direct.unigram_cosine, equal_nan=True)
+    assert (root / "run-covs" / "figures" / "covariates.png").exists()
+    manifest = json.loads((root / "run-covs" / "manifest.json").read_text())
+    assert manifest["stages"]["covariates"]["n_positions"] == res.uniform_positions.size

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from ..data.sampling import ContextSample
 from ..data.scoring import ScoringSummary, scoring_summary, uniform_rows, window_rows
 from ..data.split_checks import MIN_RARE_POSITIONS
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
-from ..errors import InsufficientDataError
+from ..errors import InsufficientDataError, RareTokenError
+from ..stats.covariates import NeuronCovariates
 from ..stats.regimes import (
     ColumnSum,
     RegimeBootstrap,
@@ -51,6 +53,9 @@ class NeuronTable:
     delta_rare_signed: np.ndarray
     delta_common: np.ndarray
     delta_common_signed: np.ndarray
+    #: Per-neuron covariates (:mod:`raretoken.stats.covariates`), or ``None`` when they
+    #: could not be computed (the reason is logged and in the manifest).
+    covariates: NeuronCovariates | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,6 +197,17 @@ def identify(
             seed=cfg.seed + 1,
         )
     timed("regimes", t, n_boot=cfg.n_boot)
+
+    checkpoint("covariates")
+    t = time.perf_counter()
+    try:
+        covs: NeuronCovariates | None = st.covariates(cap, uniform_pos, counts, cap_key)
+        cov_info: dict[str, object] = {"n_positions": len(uniform_pos)}
+    except RareTokenError as exc:  # e.g. a constant covariate: reported, not fatal
+        log.warning("per-neuron covariates not computed: %s", exc)
+        covs, cov_info = None, {"error": str(exc)}
+    neurons = dataclasses.replace(neurons, covariates=covs)
+    timed("covariates", t, **cov_info)
 
     result = Identification(
         config=cfg,

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..plotting.covariates import CovariatesDisplay
 from ..plotting.frequency import FrequencyDisplay
 from ..plotting.rank_curve import RankCurveDisplay
 from ..storage import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -66,11 +67,22 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     }
     if res.rare_boot is not None:
         cols["plateau_bootstrap_frequency"] = res.rare_boot.membership_frequency
+    covs = n.covariates.columns() if n.covariates is not None else {}
+    cols.update(covs)
     write_parquet(out / "neurons.parquet", cols)
     write_csv(out / "neurons.csv", cols)
     run.record_output("neurons", "neurons.parquet",
                       "per final-layer neuron: Δloss on rare/common targets (mean |ΔL| and signed), "
-                      "ranks, plateau membership (also neurons.csv)")  # fmt: skip
+                      "ranks, plateau membership, covariates (weight norms, activation moments, "
+                      "vocabulary-projection kurtosis/skew, unigram cosine, null-space fraction; "
+                      "also neurons.csv)")  # fmt: skip
+    if covs:
+        CovariatesDisplay.from_columns(n.delta_rare, covs, plateau).savefig(
+            out / "figures" / "covariates"
+        )
+        run.record_output("fig_covariates", "figures/covariates.png",
+                          "rare-target Δloss of every neuron against each covariate, plateau "
+                          "highlighted, Spearman ρ per panel (also .svg)")  # fmt: skip
 
     targets = res.sample.target_ids[res.sample.target_mask]
     win, pos = np.nonzero(res.sample.target_mask)

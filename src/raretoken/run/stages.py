@@ -39,10 +39,14 @@ from ..models.loading import (
     load_model,
     resolve_source,
 )
+from ..stats.covariates import NeuronCovariates, neuron_covariates
 from ..storage import ArrayCache, cache_key, default_cache_dir, ensure_writable_dir
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
+
+#: Version of the covariates stage's output (part of its cache key).
+COVARIATES_VERSION = 1
 
 DTYPES = {
     "float32": torch.float32,
@@ -366,6 +370,48 @@ class Stages:
             arrays = w.commit(mmap=True)
         return Capture.from_arrays(arrays), key
 
+    def covariates(
+        self, cap: Capture, rows: np.ndarray, counts: TokenCounts, capture_key: str
+    ) -> NeuronCovariates:
+        """Per-neuron covariates of the final layer (:mod:`raretoken.stats.covariates`).
+
+        Activation moments are taken over ``rows`` (the uniform sample of positions), the
+        unigram direction from ``counts`` (unseen tokens left out).
+        """
+        key = cache_key(
+            "covariates",
+            {
+                "model": self.model_id,
+                "dtype": self.cfg.dtype,
+                "capture": capture_key,
+                "counts": self.counts_key(),
+                "rows": cache_key("ids", {"ids": np.asarray(rows).tolist()}),
+                "version": COVARIATES_VERSION,
+            },
+        )
+        hit = self.cache.load_json("covariates", key)
+        if hit is not None:
+            return NeuronCovariates.from_dict(hit)
+        adapter = self.loaded.adapter
+        norm = adapter.final_norm()
+        w_u = adapter.unembedding()[0]
+        c = np.asarray(counts.counts, dtype=np.float64)
+        log_freq = np.full(int(w_u.shape[0]), -np.inf)
+        n = min(c.size, log_freq.size)
+        with np.errstate(divide="ignore"):
+            log_freq[:n] = np.log(c[:n])
+        covs = neuron_covariates(
+            adapter.w_out(-1).detach(),
+            {k: v.detach() for k, v in adapter.mlp_in_weights(-1).items()},
+            norm.weight.detach(),
+            w_u,
+            np.asarray(cap.acts[np.asarray(rows, dtype=np.int64)]),
+            log_freq,
+            norm_kind=norm.kind,  # type: ignore[arg-type]
+        )
+        self.cache.save_json("covariates", key, covs.to_dict())
+        return covs
+
     @property
     def chunk_rows(self) -> int:
         """Positions per chunk of the ablation stage (before rounding to the method's step)."""
@@ -413,6 +459,9 @@ class Stages:
                          100 * n_fallback / max(1, n_pos * n_neu))  # fmt: skip
             return w.commit(mmap=True)["delta"]
 
+
+#: Version of the covariates stage's output (part of its cache key).
+COVARIATES_VERSION = 1
 
 #: Positions per chunk of the ablation stage (rounded to the method's step; see
 #: :func:`ablation_chunks`).
