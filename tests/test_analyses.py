@@ -483,6 +483,23 @@ def test_analyses_for_split_and_robustness(ident: Identification) -> None:
     for r in rows:
         rare, _, _ = split_positions(ident, r["percentile"])
         assert r["n_rare_positions"] == rare.size
+    # every row carries the claims' verdicts, and the frequency table counts them
+    from raretoken.analyses.claims import verdicts_of
+
+    for res_row, r in zip(table.results, rows, strict=True):
+        expected = verdicts_of(res_row.coordination, res_row.spatial, None, res_row.spectra)
+        assert r["verdict_coordination"] == expected["coordination"]
+        assert r["verdict_spectra"] == expected["spectra"] and r["verdict_routing"] is None
+    freq = {f["claim"]: f for f in table.verdict_frequency()}
+    for claim in ("coordination", "spatial", "spectra"):
+        counted = [r[f"verdict_{claim}"] for r in rows]
+        f = freq[claim]
+        assert f["rows"] == len(rows)
+        assert f["supported"] == counted.count("supported")
+        assert f["not supported"] == counted.count("not supported")
+        assert f["not run"] == counted.count(None)
+    assert freq["routing"]["not run"] == len(rows)
+    assert "How often each verdict holds" in table.to_markdown()
 
 
 # ------------------------------------------------------------------ reviewer checks

@@ -36,6 +36,11 @@ changes under matching.
 
 With fewer than ``1/α - 1`` random groups no empirical p-value can fall below ``α``; such
 rows are ``inconclusive`` whatever the data.
+
+Multiple testing: ``p_bh`` is the Benjamini–Hochberg adjusted p-value of each row's test
+across all the rows of the table that have one (the run's tests). Verdicts follow the raw
+p-value, as the paper's; a ``supported`` difference claim whose adjusted p-value is not below
+``α`` says so in its finding.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raretoken.stats.baselines import BaselineComparison
+from raretoken.stats.routing import benjamini_hochberg
 
 from ._tables import markdown_table, opt_float, write_csv
 from .coordination import CoordinationResult
@@ -83,6 +91,8 @@ class Claim:
     verdict: str
     #: The same rule against covariate-matched random groups (``None``: not assessed).
     verdict_matched: str | None = None
+    #: Benjamini–Hochberg adjusted p-value across the table's tests (``None``: no test).
+    p_bh: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +102,7 @@ class Claim:
             "finding": self.finding,
             "test": self.test,
             "p_value": opt_float(self.p_value),
+            "p_bh": opt_float(self.p_bh),
             "verdict": self.verdict,
             "verdict_matched": self.verdict_matched,
         }
@@ -99,6 +110,7 @@ class Claim:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Claim:
         p = d.get("p_value")
+        q = d.get("p_bh")
         return cls(
             key=str(d["key"]),
             claim=str(d["claim"]),
@@ -108,6 +120,7 @@ class Claim:
             p_value=None if p is None else float(p),
             verdict=str(d["verdict"]),
             verdict_matched=d.get("verdict_matched"),
+            p_bh=None if q is None else float(q),
         )
 
 
@@ -134,9 +147,10 @@ class ClaimsTable:
         head = (
             "## The paper's claims on this run\n\n"
             f"Group analysed: {self.group_name}{note}. Verdicts at α = {self.alpha:g}; "
-            "the rules are in raretoken.analyses.claims.\n\n"
+            "the rules are in raretoken.analyses.claims. `p_bh`: Benjamini–Hochberg "
+            "adjusted across the table's tests.\n\n"
         )
-        cols = ["claim", "prediction", "finding", "test", "p_value", "verdict"]
+        cols = ["claim", "prediction", "finding", "test", "p_value", "p_bh", "verdict"]
         if any(c.verdict_matched is not None for c in self.claims):
             cols.append("verdict_matched")
             head += (
@@ -348,6 +362,50 @@ def _replication(res: SpecificityResult) -> Claim:
     )
 
 
+#: Rows whose ``supported`` verdict rests on a p-value below α (difference claims).
+_DIFFERENCE_KEYS = frozenset({"coordination", "spectra", "specificity", "replication"})
+
+
+def with_bh(claims: tuple[Claim, ...], alpha: float) -> tuple[Claim, ...]:
+    """``claims`` with ``p_bh``: Benjamini–Hochberg across the rows that have a p-value."""
+    ps = [math.nan if c.p_value is None else float(c.p_value) for c in claims]
+    qs = benjamini_hochberg(ps)
+    out = []
+    for c, q in zip(claims, qs, strict=True):
+        if not math.isfinite(q):
+            out.append(replace(c, p_bh=None))
+            continue
+        finding = c.finding
+        if c.key in _DIFFERENCE_KEYS and c.verdict == SUPPORTED and q >= alpha:
+            finding += (
+                f" (not significant after Benjamini–Hochberg adjustment across the run's "
+                f"{int(np.isfinite(qs).sum())} tests: q={q:.3g})"
+            )
+        out.append(replace(c, p_bh=float(q), finding=finding))
+    return tuple(out)
+
+
+def verdicts_of(
+    coordination: CoordinationResult | None,
+    spatial: SpatialResult | None,
+    routing: RoutingResult | None,
+    spectra: SpectraResult | None,
+    *,
+    alpha: float = 0.05,
+    min_rho: float = 0.5,
+) -> dict[str, str | None]:
+    """The verdict of each of the four claims by the rules above (``None``: not run), e.g. for
+    every row of the robustness sweep."""
+    return {
+        "coordination": None
+        if coordination is None
+        else _coordination(coordination, alpha).verdict,
+        "spatial": None if spatial is None else _spatial(spatial, alpha).verdict,
+        "routing": None if routing is None else _routing(routing, alpha, min_rho).verdict,
+        "spectra": None if spectra is None else _spectra(spectra, alpha).verdict,
+    }
+
+
 def evaluate_claims(
     coordination: CoordinationResult,
     spatial: SpatialResult,
@@ -370,14 +428,15 @@ def evaluate_claims(
     extra: tuple[Claim, ...] = ()
     if specificity is not None:
         extra = (_specificity(specificity, alpha), _replication(specificity))
+    claims = (
+        *extra,
+        _with_matched(_coordination(coordination, alpha), matched, alpha),
+        _with_matched(_spatial(spatial, alpha), matched, alpha, null=True),
+        _routing(routing, alpha, min_rho),
+        _with_matched(_spectra(spectra, alpha), matched, alpha),
+    )
     return ClaimsTable(
-        claims=(
-            *extra,
-            _with_matched(_coordination(coordination, alpha), matched, alpha),
-            _with_matched(_spatial(spatial, alpha), matched, alpha, null=True),
-            _routing(routing, alpha, min_rho),
-            _with_matched(_spectra(spectra, alpha), matched, alpha),
-        ),
+        claims=with_bh(claims, alpha),
         group_name=coordination.group_name,
         group_note=group_note,
         alpha=float(alpha),

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from raretoken.errors import ConfigError, RareTokenError
 
 from ._tables import frozen, markdown_table, write_csv
+from .claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, verdicts_of
 from .coordination import CoordinationResult, coordination_analysis
 from .groups import (
     DEFINITIONS,
@@ -56,6 +57,8 @@ T = TypeVar("T")
 
 DEFAULT_PERCENTILES = (5.0, 10.0, 15.0, 20.0, 25.0)
 DEFAULT_DEFINITIONS = ("plateau", "topk", "selective")
+
+_VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
 
 __all__ = [
     "DEFAULT_DEFINITIONS",
@@ -131,8 +134,14 @@ class SplitAnalyses:
         r["max_single_impact"] = None if t is None else t.single_vs_layer.mean_a
         r["layer_impact"] = None if t is None else t.single_vs_layer.mean_b
         r["p_single_vs_layer"] = None if t is None else t.single_vs_layer.p_permutation
+        for claim, verdict in self.verdicts().items():
+            r[f"verdict_{claim}"] = verdict
         r["errors"] = "; ".join(f"{k}: {v}" for k, v in self.errors.items()) or None
         return r
+
+    def verdicts(self) -> dict[str, str | None]:
+        """The claims' verdicts on this row (rules of :mod:`.claims`; ``None``: not run)."""
+        return verdicts_of(self.coordination, self.spatial, self.routing, self.spectra)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -351,7 +360,27 @@ class RobustnessTable:
             "gini_spearman_rho", "p_single_vs_layer", "errors",
         ]  # fmt: skip
         tail = "".join(f"\nSkipped {k}: {v}\n" for k, v in self.skipped.items())
-        return head + markdown_table(self.to_table(), cols) + tail
+        freq = self.verdict_frequency()
+        how_often = (
+            "\n#### How often each verdict holds across the rows\n\n"
+            "Verdicts by the rules of the claims table (α = 0.05) on every row above.\n\n"
+            + markdown_table(freq, ["claim", *_VERDICTS, "not run", "rows"])
+        )
+        return head + markdown_table(self.to_table(), cols) + tail + how_often
+
+    def verdict_frequency(self) -> list[dict[str, Any]]:
+        """Per claim: in how many rows each verdict holds (and in how many it was not run)."""
+        out = []
+        rows = [r.verdicts() for r in self.results]
+        for claim in ("coordination", "spatial", "routing", "spectra"):
+            got = [v[claim] for v in rows]
+            entry: dict[str, Any] = {"claim": claim}
+            for verdict in _VERDICTS:
+                entry[verdict] = sum(g == verdict for g in got)
+            entry["not run"] = sum(g is None for g in got)
+            entry["rows"] = len(got)
+            out.append(entry)
+        return out
 
     def to_csv(self, path: Path | str) -> None:
         write_csv(path, self.to_table())
