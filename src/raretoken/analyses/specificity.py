@@ -66,8 +66,7 @@ __all__ = ["SpecificityResult", "analyze_specificity", "window_ids_of_positions"
 
 def window_ids_of_positions(ident: Identification, positions: np.ndarray) -> np.ndarray:
     """Window index of each scored position (rows of the captured arrays)."""
-    windows = np.nonzero(np.asarray(ident.sample.target_mask))[0]
-    return np.asarray(windows[np.asarray(positions, dtype=np.int64)], dtype=np.int64)
+    return np.asarray(ident.position_windows[np.asarray(positions, dtype=np.int64)], np.int64)
 
 
 def _num(v: float | None, fmt: str = ".3f") -> str:
