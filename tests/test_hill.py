@@ -163,3 +163,17 @@ def test_round_trip_json() -> None:
     assert back.to_dict() == fit.to_dict()
     given = hill_alpha(pareto(1.2, 200, seed=9), k=20)
     assert HillFit.from_dict(given.to_dict()).peak is None
+
+
+def test_dict_keys_name_the_convention_and_old_keys_still_load() -> None:
+    fit = hill_alpha(pareto(1.2, 200, seed=10))
+    d = fit.to_dict()
+    assert [k for k in d if "alpha" in k] == [
+        "alpha_tail_hill",
+        "alpha_pdf_hill",
+        "alpha_tail_hill_se",
+    ]
+    assert d["alpha_tail_hill"] == fit.alpha == fit.alpha_tail
+    old = {k: v for k, v in d.items() if "alpha" not in k}
+    old.update(alpha=fit.alpha, alpha_pdf=fit.alpha_pdf, alpha_se=fit.alpha_se)
+    assert HillFit.from_dict(old).to_dict() == d

@@ -38,7 +38,9 @@ where the empirical spectral density stops rising. Two density estimates:
   the KDE's mode is stable.
 * ``density="histogram"``: ``bins`` equal bins of ``log10 λ`` (100 as in WeightWatcher's
   ``fix_fingers="xmin_peak"``), peak at the left edge of the fullest bin. (WeightWatcher then
-  searches ``xmin`` up to 1.5× that edge by a KS criterion; here the peak itself is used.)
+  searches ``xmin`` up to 1.5× that edge by a KS criterion; here the peak itself is used.
+  The KS search, with WeightWatcher's ``fix_fingers`` options, is
+  :func:`raretoken.stats.powerlaw_fit.powerlaw_fit`.)
 
 ``x_min`` is then the smallest eigenvalue at or above the peak, so ``λ_k = x_min`` is an
 actual eigenvalue, and ``k = #{λ >= x_min}``.
@@ -80,11 +82,14 @@ class HillFit:
     Attributes
     ----------
     alpha:
-        Eq. 10, ``k / Σ_{i<=k} ln(λ_i / λ_k)`` (CCDF tail index).
+        Eq. 10, ``k / Σ_{i<=k} ln(λ_i / λ_k)``: a **tail index** (CCDF exponent);
+        ``"alpha_tail_hill"`` in :meth:`to_dict`, also :attr:`alpha_tail`.
     alpha_pdf:
-        ``1 + alpha``: the density exponent reported by WeightWatcher / ``powerlaw``.
+        ``1 + alpha``: the same fit as a **density exponent** (the convention of
+        WeightWatcher / ``powerlaw``); ``"alpha_pdf_hill"``. WeightWatcher's own ``alpha``
+        (KS choice of ``x_min``) is :func:`raretoken.stats.powerlaw_fit.powerlaw_fit`.
     alpha_se:
-        Asymptotic standard error ``alpha / √k``.
+        Asymptotic standard error ``alpha / √k`` of the tail index; ``"alpha_tail_hill_se"``.
     k:
         Number of tail eigenvalues.
     x_min:
@@ -116,11 +121,16 @@ class HillFit:
     n_eigenvalues: int
     eigenvalues: np.ndarray
 
+    @property
+    def alpha_tail(self) -> float:
+        """Eq. 10's tail index (alias of :attr:`alpha`, named for its convention)."""
+        return self.alpha
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "alpha": self.alpha,
-            "alpha_pdf": self.alpha_pdf,
-            "alpha_se": self.alpha_se,
+            "alpha_tail_hill": self.alpha,
+            "alpha_pdf_hill": self.alpha_pdf,
+            "alpha_tail_hill_se": self.alpha_se,
             "k": self.k,
             "x_min": self.x_min,
             "peak": self.peak,
@@ -133,10 +143,13 @@ class HillFit:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HillFit:
+        def get(new: str, old: str) -> float:  # old keys: caches written before the rename
+            return float(d[new] if new in d else d[old])
+
         return cls(
-            alpha=float(d["alpha"]),
-            alpha_pdf=float(d["alpha_pdf"]),
-            alpha_se=float(d["alpha_se"]),
+            alpha=get("alpha_tail_hill", "alpha"),
+            alpha_pdf=get("alpha_pdf_hill", "alpha_pdf"),
+            alpha_se=get("alpha_tail_hill_se", "alpha_se"),
             k=int(d["k"]),
             x_min=float(d["x_min"]),
             peak=None if d["peak"] is None else float(d["peak"]),
