@@ -305,12 +305,22 @@ def _spectra(res: SpectraResult, alpha: float) -> Claim:
         prediction="α_Hill (eq. 10) lower than size-matched random groups",
         finding=(
             f"α_Hill {_vs(c)} ({res.weights} weights; α_pdf = 1 + α_Hill = "
-            f"{res.observed.alpha_pdf:.3g})"
+            f"{res.observed.alpha_pdf:.3g}){_ks_finding(res)}"
         ),
         test="empirical p, random groups, one-sided (less)",
         p_value=c.p_value,
         verdict=_difference_verdict(c, alpha),
     )
+
+
+def _ks_finding(res: SpectraResult) -> str:
+    """WeightWatcher's density exponent (KS-chosen x_min) next to the paper's Hill tail index."""
+    ks = res.observed_ks
+    if not ks.fitted:
+        return f"; WeightWatcher-style KS fit not possible: {ks.reason}"
+    cmp = res.ks_comparison
+    vs = "" if cmp is None else f" vs random {cmp.random_mean:.3g} (p={cmp.p_value:.2g})"
+    return f"; WeightWatcher-style α_pdf (KS x_min) {ks.alpha_pdf:.3g} ± {ks.alpha_pdf_se:.2g}{vs}"
 
 
 def _specificity(res: SpecificityResult, alpha: float) -> Claim:

@@ -124,8 +124,11 @@ class SplitAnalyses:
         r["modularity_q"] = None if s is None else s.observed.q
         r["modularity_q_random"] = None if s is None else s.q_comparison.random_mean
         r["p_q"] = None if s is None else s.q_comparison.p_value
-        r["alpha_hill"] = None if h is None else h.observed.alpha
-        r["alpha_hill_random"] = None if h is None else h.comparison.random_mean
+        r["alpha_tail_hill"] = None if h is None else h.observed.alpha
+        r["alpha_tail_hill_random"] = None if h is None else h.comparison.random_mean
+        r["alpha_pdf_ks"] = (
+            None if h is None or not h.observed_ks.fitted else h.observed_ks.alpha_pdf
+        )
         r["p_alpha"] = None if h is None else h.comparison.p_value
         r["gini_rare"] = None if t is None else t.gini.grand_mean_rare
         r["gini_common"] = None if t is None else t.gini.grand_mean_common
@@ -356,7 +359,7 @@ class RobustnessTable:
         cols = [
             "percentile", "definition", "group", "fallback", "n_rare_positions", "d_eff_ratio",
             "d_eff_ratio_random", "p_d_eff", "modularity_q", "modularity_q_random", "p_q",
-            "alpha_hill", "alpha_hill_random", "p_alpha", "gini_rare", "gini_common", "p_gini",
+            "alpha_tail_hill", "alpha_tail_hill_random", "p_alpha", "alpha_pdf_ks", "gini_rare", "gini_common", "p_gini",
             "gini_spearman_rho", "p_single_vs_layer", "errors",
         ]  # fmt: skip
         tail = "".join(f"\nSkipped {k}: {v}\n" for k, v in self.skipped.items())
