@@ -345,7 +345,8 @@ def test_cached_entries_are_memory_mapped_on_rerun(
     assert json.dumps(again.rare_boot.to_dict()) == json.dumps(first.rare_boot.to_dict())
     # the bootstrap of the whole matrix (the code before streaming) gives the same result
     ref = bootstrap_regimes(np.abs(np.asarray(again.delta)[again.rare_positions]),
-                            again.neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
+                            again.neurons.neuron_ids, n_boot=cfg.n_boot, seed=cfg.seed,
+                            clusters=again.position_windows[again.rare_positions])  # fmt: skip
     assert json.dumps(ref.to_dict()) == json.dumps(again.rare_boot.to_dict())
 
 

@@ -22,6 +22,7 @@ from ..data.split_checks import MIN_RARE_POSITIONS
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError, RareTokenError
 from ..stats.covariates import NeuronCovariates
+from ..stats.mean_bootstrap import mean_interval
 from ..stats.regimes import (
     ColumnSum,
     RegimeBootstrap,
@@ -53,6 +54,9 @@ class NeuronTable:
     delta_rare_signed: np.ndarray
     delta_common: np.ndarray
     delta_common_signed: np.ndarray
+    #: 95 % interval of ``delta_rare`` per neuron, bootstrap-t over windows
+    #: (:func:`raretoken.stats.mean_bootstrap.mean_interval`), or ``None`` without a bootstrap.
+    delta_rare_ci: tuple[np.ndarray, np.ndarray] | None = None
     #: Per-neuron covariates (:mod:`raretoken.stats.covariates`), or ``None`` when they
     #: could not be computed (the reason is logged and in the manifest).
     covariates: NeuronCovariates | None = None
@@ -183,19 +187,30 @@ def identify(
     rare_fit = fit_regimes(neurons.delta_rare, neurons.neuron_ids)
     common_fit = fit_regimes(neurons.delta_common, neurons.neuron_ids)
     rare_boot = common_boot = None
+    windows = window_rows(sample)
     if cfg.n_boot > 0:
+        # positions of one window are correlated: resample whole windows
         rare_boot = bootstrap_regimes(
             RowChunks(delta, rare_pos, absolute=True, chunk_rows=rows),
             neurons.neuron_ids,
             n_boot=cfg.n_boot,
             seed=cfg.seed,
+            clusters=windows[rare_pos],
         )
         common_boot = bootstrap_regimes(
             RowChunks(delta, common_pos, absolute=True, chunk_rows=rows),
             neurons.neuron_ids,
             n_boot=cfg.n_boot,
             seed=cfg.seed + 1,
+            clusters=windows[common_pos],
         )
+        rare_ci = mean_interval(
+            RowChunks(delta, rare_pos, absolute=True, chunk_rows=rows),
+            windows[rare_pos],
+            cfg.n_boot,
+            cfg.seed + 2,
+        )
+        neurons = dataclasses.replace(neurons, delta_rare_ci=(rare_ci.lo, rare_ci.hi))
     timed("regimes", t, n_boot=cfg.n_boot)
 
     checkpoint("covariates")
@@ -219,7 +234,7 @@ def identify(
         rare_positions=rare_pos,
         common_positions=common_pos,
         uniform_positions=uniform_pos,
-        position_windows=window_rows(sample),
+        position_windows=windows,
         scoring=scoring,
         neurons=neurons,
         rare_fit=rare_fit,

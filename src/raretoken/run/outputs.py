@@ -67,6 +67,8 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     }
     if res.rare_boot is not None:
         cols["plateau_bootstrap_frequency"] = res.rare_boot.membership_frequency
+    if n.delta_rare_ci is not None:
+        cols["delta_rare_lo"], cols["delta_rare_hi"] = n.delta_rare_ci
     covs = n.covariates.columns() if n.covariates is not None else {}
     cols.update(covs)
     write_parquet(out / "neurons.parquet", cols)
@@ -140,10 +142,6 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     run.record_output("summary", "summary.md", "plain-language findings")
 
 
-def _ci(ci: tuple[float, float] | None, fmt: str = ".2f") -> str:
-    return "n/a" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
-
-
 def identification_summary(res: Identification) -> str:
     cfg = res.config
     f = res.rare_fit
@@ -181,12 +179,9 @@ def identification_summary(res: Identification) -> str:
         )
     lines.append(f"- Power-law exponent κ = {f.kappa:.3f} (rare); κ = {fc.kappa:.3f} (common).")
     if res.rare_boot is not None:
-        b = res.rare_boot
-        lines.append(
-            f"- Bootstrap over positions ({b.n_boot} resamples, {int(100 * b.level)}% intervals): "
-            f"κ {_ci(b.ci_kappa, '.3f')}, plateau size {_ci(b.ci_plateau_size, '.0f')}, "
-            f"plateau found in {100 * b.plateau_existence_rate:.0f}% of resamples."
-        )
+        lines.append(f"- Rare targets: {res.rare_boot.summary()}")
+    if res.common_boot is not None:
+        lines.append(f"- Common targets: {res.common_boot.summary()}")
     lines.append(
         f"- Common tokens: {'a plateau' if fc.has_plateau else 'no plateau'} "
         f"({fc.best.n_segments} segment(s))."

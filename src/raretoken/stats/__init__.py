@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .baselines import BaselineComparison as BaselineComparison
     from .baselines import compare_to_random as compare_to_random
     from .baselines import random_groups as random_groups
+    from .chunks import ColumnSum as ColumnSum
+    from .chunks import RowChunks as RowChunks
     from .cluster_bootstrap import RatioInterval as RatioInterval
     from .cluster_bootstrap import ratio_interval as ratio_interval
     from .covariates import NeuronCovariates as NeuronCovariates
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from .matching import CovariateBalance as CovariateBalance
     from .matching import MatchedGroups as MatchedGroups
     from .matching import matched_random_groups as matched_random_groups
+    from .mean_bootstrap import MeanInterval as MeanInterval
+    from .mean_bootstrap import mean_interval as mean_interval
     from .modularity import ModularityResult as ModularityResult
     from .modularity import louvain_modularity as louvain_modularity
     from .modularity import mi_graph as mi_graph
@@ -37,14 +41,13 @@ if TYPE_CHECKING:
     from .mutual_info import MutualInfoMatrix as MutualInfoMatrix
     from .mutual_info import mutual_information as mutual_information
     from .mutual_info import mutual_information_matrix as mutual_information_matrix
-    from .regimes import PiecewiseLinearFit as PiecewiseLinearFit
-    from .regimes import RegimeBootstrap as RegimeBootstrap
-    from .regimes import RegimeFit as RegimeFit
-    from .regimes import RegimeSettings as RegimeSettings
-    from .regimes import SegmentFit as SegmentFit
-    from .regimes import bootstrap_regimes as bootstrap_regimes
-    from .regimes import fit_regimes as fit_regimes
-    from .regimes import segmented_regression as segmented_regression
+    from .regime_bootstrap import bootstrap_regimes as bootstrap_regimes
+    from .regime_bootstrap import window_of_rows as window_of_rows
+    from .regime_bootstrap_result import RegimeBootstrap as RegimeBootstrap
+    from .regime_fit import fit_regimes as fit_regimes
+    from .regime_results import RegimeFit as RegimeFit
+    from .regime_results import RegimeSettings as RegimeSettings
+    from .regime_results import SegmentFit as SegmentFit
     from .replication import Replication as Replication
     from .replication import expected_jaccard as expected_jaccard
     from .replication import jaccard as jaccard
@@ -60,6 +63,8 @@ if TYPE_CHECKING:
     from .routing import compare_impacts as compare_impacts
     from .routing import gini as gini
     from .routing import relative_norm_change as relative_norm_change
+    from .segmented import PiecewiseLinearFit as PiecewiseLinearFit
+    from .segmented import segmented_regression as segmented_regression
     from .specificity import Selectivity as Selectivity
     from .specificity import TopOverlap as TopOverlap
     from .specificity import selective_group as selective_group
@@ -67,15 +72,20 @@ if TYPE_CHECKING:
     from .specificity import top_overlap as top_overlap
 
 _EXPORTS: dict[str, str] = {
-    # regimes.py: three-regime rank-curve fit (paper eq. 11)
-    "PiecewiseLinearFit": "regimes",
-    "RegimeBootstrap": "regimes",
-    "RegimeFit": "regimes",
-    "RegimeSettings": "regimes",
-    "SegmentFit": "regimes",
-    "bootstrap_regimes": "regimes",
-    "fit_regimes": "regimes",
-    "segmented_regression": "regimes",
+    # three-regime rank-curve fit (paper eq. 11); raretoken.stats.regimes re-exports them all
+    "PiecewiseLinearFit": "segmented",
+    "segmented_regression": "segmented",
+    "RegimeFit": "regime_results",
+    "RegimeSettings": "regime_results",
+    "SegmentFit": "regime_results",
+    "fit_regimes": "regime_fit",
+    # regime_bootstrap.py: bootstrap of the regime fit over windows (or positions)
+    "RegimeBootstrap": "regime_bootstrap_result",
+    "bootstrap_regimes": "regime_bootstrap",
+    "window_of_rows": "regime_bootstrap",
+    # chunks.py: rows of a (memory-mapped) matrix read in chunks, exact column sums
+    "ColumnSum": "chunks",
+    "RowChunks": "chunks",
     # effective_dim.py: PCA effective dimension of a neuron group (eq. 4, Table 1)
     "EffectiveDimension": "effective_dim",
     "effective_dimension": "effective_dim",
@@ -126,6 +136,9 @@ _EXPORTS: dict[str, str] = {
     # cluster_bootstrap.py: Δrare / Δcommon with a window-cluster bootstrap interval
     "RatioInterval": "cluster_bootstrap",
     "ratio_interval": "cluster_bootstrap",
+    # mean_bootstrap.py: per-neuron mean |Δloss| with a window-cluster bootstrap interval
+    "MeanInterval": "mean_bootstrap",
+    "mean_interval": "mean_bootstrap",
     # replication.py: split-half replication of the plateau
     "Replication": "replication",
     "expected_jaccard": "replication",

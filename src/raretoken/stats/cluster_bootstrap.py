@@ -17,12 +17,21 @@ rows. With ``paired=True`` (default) one draw of windows serves the rare and the
 correlation of the two Δloss is kept); ``paired=False`` resamples the rare rows' windows and
 the common rows' windows independently (right when they come from different windows;
 otherwise conservative under a positive correlation).
+
+Shared resampling helpers
+-------------------------
+:func:`cluster_labels` (checks window ids), :func:`cluster_sums_of_blocks` (per-window sums
+read chunk by chunk), :func:`multiplicities` (the resampling draws) and
+:func:`nanquantile_columns` are also used by the per-neuron mean interval
+(:mod:`raretoken.stats.mean_bootstrap`) and the window bootstrap of the regime fit
+(:mod:`raretoken.stats.regime_bootstrap`), so every window bootstrap draws the same way.
+They are not part of the package's exports.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +140,7 @@ def _rows_matrix(rows: np.ndarray, name: str) -> np.ndarray:
     return rows
 
 
-def _cluster_labels(clusters: np.ndarray | Sequence[int], n_rows: int, name: str) -> np.ndarray:
+def cluster_labels(clusters: np.ndarray | Sequence[int], n_rows: int, name: str) -> np.ndarray:
     c = np.asarray(clusters)
     if c.ndim != 1 or (c.size and not np.issubdtype(c.dtype, np.integer)):
         raise ConfigError(f"{name} must be a 1-D array of integer window ids")
@@ -144,17 +153,49 @@ def _cluster_sums(
     rows: np.ndarray, index: np.ndarray, n_clusters: int, chunk_rows: int, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster float64 column sums ``(n_clusters, n_cols)`` and row counts, reading
-    ``rows`` (array or memory map) ``chunk_rows`` at a time."""
-    n_rows, n_cols = rows.shape
+    ``rows`` (array or memory map) ``chunk_rows`` at a time; values must be ``>= 0``."""
+    n_rows = rows.shape[0]
+    blocks = (
+        (sl, rows[sl])
+        for sl in (slice(s, min(n_rows, s + chunk_rows)) for s in range(0, n_rows, chunk_rows))
+    )
+    return cluster_sums_of_blocks(blocks, index, n_clusters, rows.shape[1], name)
+
+
+def cluster_sums_of_blocks(
+    blocks: Iterable[tuple[slice, np.ndarray]],
+    index: np.ndarray,
+    n_clusters: int,
+    n_cols: int,
+    name: str,
+    *,
+    nonnegative: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster float64 column sums ``(n_clusters, n_cols)`` and row counts ``(n_clusters,)``.
+
+    ``blocks`` yields ``(slice of the rows, rows)`` in row order (e.g. a
+    :class:`~raretoken.stats.chunks.RowChunks`); ``index[r]`` in ``[0, n_clusters)`` is the
+    cluster of row ``r``. Only one block is held (as float64) at a time. The shared helper of
+    every window-cluster bootstrap in :mod:`raretoken.stats`: a resample's mean of rows is
+    ``(multiplicities @ sums) / (multiplicities @ counts)``.
+
+    Raises
+    ------
+    NumericalError
+        Non-finite values.
+    ConfigError
+        Negative values when ``nonnegative``.
+    """
     sums = np.zeros((n_clusters, n_cols), dtype=np.float64)
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(n_rows, start + chunk_rows)
-        block = np.asarray(rows[start:stop], dtype=np.float64)
+    for sl, rows in blocks:
+        block = np.asarray(rows, dtype=np.float64)
         if not np.all(np.isfinite(block)):
             raise NumericalError(f"{name} contains NaN or infinite values")
-        if (block < 0).any():
+        if nonnegative and (block < 0).any():
             raise ConfigError(f"{name} must hold absolute values |L - L̃| (>= 0)")
-        idx = index[start:stop]
+        if block.shape[0] == 0:
+            continue
+        idx = index[sl]
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
         first = np.flatnonzero(np.concatenate(([True], sidx[1:] != sidx[:-1])))
@@ -163,7 +204,7 @@ def _cluster_sums(
     return sums, counts
 
 
-def _multiplicities(rng: np.random.Generator, n_clusters: int, n_boot: int) -> np.ndarray:
+def multiplicities(rng: np.random.Generator, n_clusters: int, n_boot: int) -> np.ndarray:
     """``(n_boot, n_clusters)`` resampling multiplicities: row ``b`` counts, per cluster, the
     draws in row ``b`` of ``rng.integers(0, n_clusters, size=(n_boot, n_clusters))`` (drawn in
     batches of rows, which gives the same draws)."""
@@ -236,8 +277,8 @@ def ratio_interval(
         raise ConfigError(
             f"rare rows have {rare.shape[1]} neurons, common rows {common.shape[1]}: they differ"
         )
-    rc = _cluster_labels(rare_clusters, rare.shape[0], "rare_clusters")
-    cc = _cluster_labels(common_clusters, common.shape[0], "common_clusters")
+    rc = cluster_labels(rare_clusters, rare.shape[0], "rare_clusters")
+    cc = cluster_labels(common_clusters, common.shape[0], "common_clusters")
     if int(n_boot) < 1:
         raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < float(level) < 1.0:
@@ -260,7 +301,7 @@ def ratio_interval(
         s_c, n_c = _cluster_sums(
             common, np.searchsorted(union, cc), union.size, chunk_rows, "abs_delta_common_rows"
         )
-        w_r = _multiplicities(rng, union.size, n_boot)
+        w_r = multiplicities(rng, union.size, n_boot)
         w_c = w_r
     else:
         s_r, n_r = _cluster_sums(
@@ -269,8 +310,8 @@ def ratio_interval(
         s_c, n_c = _cluster_sums(
             common, np.searchsorted(uc, cc), uc.size, chunk_rows, "abs_delta_common_rows"
         )
-        w_r = _multiplicities(rng, ur.size, n_boot)
-        w_c = _multiplicities(rng, uc.size, n_boot)
+        w_r = multiplicities(rng, ur.size, n_boot)
+        w_c = multiplicities(rng, uc.size, n_boot)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (s_r.sum(axis=0) / n_r.sum()) / (s_c.sum(axis=0) / n_c.sum())
     den_r, den_c = w_r @ n_r, w_c @ n_c
@@ -291,7 +332,7 @@ def ratio_interval(
                 boot = ((w_r @ s_r[:, j0:j1]) / den_r[:, None]) / (
                     (w_c @ s_c[:, j0:j1]) / den_c[:, None]
                 )
-            qs = _nanquantile_columns(boot, q)  # 0/0 (NaN) resamples are dropped
+            qs = nanquantile_columns(boot, q)  # 0/0 (NaN) resamples are dropped
             lo[j0:j1], hi[j0:j1] = qs[0], qs[1]
     return RatioInterval(
         ratio=frozen(ratio),
@@ -309,7 +350,7 @@ def ratio_interval(
     )
 
 
-def _nanquantile_columns(x: np.ndarray, q: list[float]) -> np.ndarray:
+def nanquantile_columns(x: np.ndarray, q: list[float]) -> np.ndarray:
     """``np.nanquantile(x, q, axis=0)`` for ``q = [lower, upper]``, vectorised where a column
     has no NaN and without the all-NaN-column warning (NaN there). Columns holding an infinite
     ratio (a resample whose common mean is 0) take the order statistics without
