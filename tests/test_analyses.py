@@ -436,6 +436,7 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     assert [c.key for c in suite.claims.claims] == [
         "specificity",
         "replication",
+        "group_ablation",
         "coordination",
         "spatial",
         "routing",

@@ -58,6 +58,7 @@ from raretoken.stats.routing import benjamini_hochberg
 
 from ._tables import markdown_table, opt_float, write_csv
 from .coordination import CoordinationResult
+from .group_ablation import GroupAblationResult, group_ablation_claim
 from .matched import MatchedControls
 from .routing import RoutingResult
 from .spatial import SpatialResult
@@ -424,6 +425,7 @@ def evaluate_claims(
     *,
     specificity: SpecificityResult | None = None,
     matched: MatchedControls | None = None,
+    group_ablation: GroupAblationResult | None = None,
     group_note: str = "",
     alpha: float = 0.05,
     min_rho: float = 0.5,
@@ -438,6 +440,8 @@ def evaluate_claims(
     extra: tuple[Claim, ...] = ()
     if specificity is not None:
         extra = (_specificity(specificity, alpha), _replication(specificity))
+    if group_ablation is not None:
+        extra += (Claim.from_dict(group_ablation_claim(group_ablation, alpha)),)
     claims = (
         *extra,
         _with_matched(_coordination(coordination, alpha), matched, alpha),

@@ -29,12 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from raretoken.ablation.group import row_inputs
 from raretoken.errors import ConfigError, InsufficientDataError
 from raretoken.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from ._tables import jsonable, write_csv
 from .claims import ClaimsTable, evaluate_claims
 from .coordination import CoordinationResult
+from .group_ablation import GroupAblationResult, group_ablation_analysis
 from .groups import NeuronGroup, plateau_group
 from .matched import MatchedControls, matched_controls
 from .robustness import (
@@ -82,6 +86,9 @@ class AnalysisSuite:
     matched:
         Coordination, spatial and spectral statistics against covariate-matched random
         groups (``None`` when not computed).
+    group_ablation:
+        The group ablated jointly vs size-matched random groups and vs the sum of its
+        single-neuron effects (``None`` when not computed).
     seconds:
         Wall time per step (not part of any table).
     """
@@ -94,6 +101,7 @@ class AnalysisSuite:
     robustness: RobustnessTable | None = None
     specificity: SpecificityResult | None = None
     matched: MatchedControls | None = None
+    group_ablation: GroupAblationResult | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors
@@ -142,6 +150,8 @@ class AnalysisSuite:
         parts += [self.coordination.to_markdown(), "\n"]
         if self.matched is not None:
             parts += [self.matched.to_markdown(), "\n"]
+        if self.group_ablation is not None:
+            parts += [self.group_ablation.to_markdown(), "\n"]
         parts += [self.spatial.to_markdown(), "\n"]
         if self.routing is not None:
             parts += [self.routing.to_markdown(), "\n"]
@@ -160,6 +170,9 @@ class AnalysisSuite:
             "robustness": None if self.robustness is None else self.robustness.to_dict(),
             "specificity": None if self.specificity is None else self.specificity.to_dict(),
             "matched": None if self.matched is None else self.matched.to_dict(),
+            "group_ablation": (
+                None if self.group_ablation is None else self.group_ablation.to_dict()
+            ),
             "seconds": dict(self.seconds),
         }
 
@@ -168,6 +181,7 @@ class AnalysisSuite:
         rob = d.get("robustness")
         spec = d.get("specificity")
         matched = d.get("matched")
+        gab = d.get("group_ablation")
         return cls(
             main=SplitAnalyses.from_dict(d["main"]),
             claims=ClaimsTable.from_dict(d["claims"]),
@@ -177,6 +191,7 @@ class AnalysisSuite:
             robustness=None if rob is None else RobustnessTable.from_dict(rob),
             specificity=None if spec is None else SpecificityResult.from_dict(spec),
             matched=None if matched is None else MatchedControls.from_dict(matched),
+            group_ablation=None if gab is None else GroupAblationResult.from_dict(gab),
             seconds={str(k): float(v) for k, v in d.get("seconds", {}).items()},
         )
 
@@ -285,6 +300,9 @@ def run_analyses(
         mi_bins=mi_bins,
     )
     seconds["matched"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    gab = _group_ablation(ident, group, n_rand, sd)
+    seconds["group_ablation"] = round(time.perf_counter() - t, 3)
     claims = evaluate_claims(
         main.coordination,  # type: ignore[arg-type]  # strict: never None
         main.spatial,  # type: ignore[arg-type]
@@ -292,6 +310,7 @@ def run_analyses(
         main.spectra,  # type: ignore[arg-type]
         specificity=spec,
         matched=matched,
+        group_ablation=gab,
         group_note=group.note,
     )
     rob = None
@@ -333,8 +352,40 @@ def run_analyses(
         robustness=rob,
         specificity=spec,
         matched=matched,
+        group_ablation=gab,
         seconds=seconds,
     )
+
+
+def _group_ablation(
+    ident: Identification, group: NeuronGroup, n_random: int, seed: int
+) -> GroupAblationResult | None:
+    """The group ablated jointly (:mod:`.group_ablation`), or ``None`` with the reason logged."""
+    dtype = torch.float64 if ident.config.dtype == "float64" else torch.float32
+    try:
+        src = row_inputs(
+            ident.stages.loaded.adapter,
+            ident.resid,
+            ident.acts,
+            ident.sample.target_ids[ident.sample.target_mask],
+            ident.mean_acts,
+            dtype=dtype,
+            device="cpu",
+        )
+        return group_ablation_analysis(
+            src,
+            ident.delta,
+            group.neuron_ids,
+            ident.rare_positions,
+            ident.common_positions,
+            n_random=n_random,
+            seed=seed,
+            clusters=ident.position_windows,
+            group_name=group.name,
+        )
+    except InsufficientDataError as exc:
+        logger.warning("group ablation not assessed: %s", exc)
+        return None
 
 
 def _write_figure(run_dir: Path, stem: str, fig: Figure) -> list[str]:
@@ -383,6 +434,13 @@ def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
     if suite.matched is not None:
         table("matched", suite.matched,
               f"coordination, spatial, spectra of the {g} vs covariate-matched random groups")  # fmt: skip
+    if suite.group_ablation is not None:
+        table("group_ablation", suite.group_ablation,
+              f"the {g} ablated jointly: additivity and vs random groups")  # fmt: skip
+        fig, axes = new_figure(1, width=5.5)
+        suite.group_ablation.plot(axes[0])
+        figure("group_ablation", fig,
+               "joint Δloss of the group vs random groups and its summed single effects")  # fmt: skip
     if suite.specificity is not None:
         table("specificity", suite.specificity,
               f"reviewer checks: is the {g} rare-specific, does it replicate")  # fmt: skip

@@ -91,6 +91,8 @@ class Identification:
     block_input: np.ndarray | None
     delta: np.ndarray
     stages: Stages
+    #: The mean activation n̄ each neuron was ablated to (eq. 2), from the reference windows.
+    mean_acts: np.ndarray
     #: Cache keys of the stages and the ablation settings: what the analyses' key builds on.
     keys: dict[str, object] = field(default_factory=dict)
     #: Seconds each stage took in this invocation (a stage read from the cache takes ~0).
@@ -247,6 +249,7 @@ def identify(
         block_input=cap.block_input,
         delta=delta,
         stages=st,
+        mean_acts=mean_acts,
         keys={
             "counts": st.counts_key(),
             "sample": sample_key,
