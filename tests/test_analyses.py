@@ -436,6 +436,7 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     assert [c.key for c in suite.claims.claims] == [
         "specificity",
         "replication",
+        "frequency_neurons",
         "group_ablation",
         "coordination",
         "spatial",
@@ -614,3 +615,29 @@ def test_suite_judges_the_claims_against_matched_controls(ident: Identification)
     again = AnalysisSuite.from_dict(json.loads(json.dumps(suite.to_dict())))
     assert again.claims.to_table() == suite.claims.to_table()
     assert again.matched is not None and again.matched.to_table() == suite.matched.to_table()
+
+
+def test_routing_on_a_seeded_subset_of_windows(ident: Identification) -> None:
+    """With more windows than ``max_windows`` the routing context keeps a seeded choice of
+    them; its rows map onto the identification's, and per-position results equal those of
+    the full context at the same rows (windows are independent)."""
+    from raretoken.analyses.routing_runs import RoutingContext
+
+    full = RoutingContext.from_identification(ident, max_windows=None)
+    sub = RoutingContext.from_identification(ident, max_windows=3)
+    n_windows = ident.sample.target_mask.shape[0]
+    assert n_windows > 3 and sub.rows is not None and full.rows is None
+    assert sub.block_input.shape[0] == 3
+    assert np.array_equal(sub.reference_acts, np.asarray(ident.acts)[sub.rows])
+    assert np.array_equal(sub.rows_of(sub.rows), np.arange(sub.rows.size))
+    outside = np.setdiff1d(np.arange(ident.acts.shape[0]), sub.rows)
+    assert sub.rows_of(outside).size == 0
+    np.testing.assert_allclose(sub.gini().gini, full.gini().gini[:, sub.rows], atol=1e-6)
+    again = RoutingContext.from_identification(ident, max_windows=3)
+    assert np.array_equal(again.rows, sub.rows)  # seeded
+    with pytest.raises(ConfigError, match="max_windows"):
+        RoutingContext.from_identification(ident, max_windows=1)
+    res = analyses_for_split(ident, ident.rare_positions, ident.common_positions,
+                             topk_group(ident, 6), n_random=5, seed=0, routing=sub)  # fmt: skip
+    assert res.routing is not None, res.errors
+    assert res.routing.n_rare_positions == sub.rows_of(ident.rare_positions).size

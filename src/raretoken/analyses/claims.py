@@ -58,6 +58,7 @@ from raretoken.stats.routing import benjamini_hochberg
 
 from ._tables import markdown_table, opt_float, write_csv
 from .coordination import CoordinationResult
+from .frequency import FrequencyNeuronResult, frequency_claim
 from .group_ablation import GroupAblationResult, group_ablation_claim
 from .matched import MatchedControls
 from .routing import RoutingResult
@@ -374,7 +375,9 @@ def _replication(res: SpecificityResult) -> Claim:
 
 
 #: Rows whose ``supported`` verdict rests on a p-value below α (difference claims).
-_DIFFERENCE_KEYS = frozenset({"coordination", "spectra", "specificity", "replication"})
+_DIFFERENCE_KEYS = frozenset(
+    {"coordination", "spectra", "specificity", "replication", "group_ablation"}
+)
 
 
 def with_bh(claims: tuple[Claim, ...], alpha: float) -> tuple[Claim, ...]:
@@ -426,6 +429,7 @@ def evaluate_claims(
     specificity: SpecificityResult | None = None,
     matched: MatchedControls | None = None,
     group_ablation: GroupAblationResult | None = None,
+    frequency: FrequencyNeuronResult | None = None,
     group_note: str = "",
     alpha: float = 0.05,
     min_rho: float = 0.5,
@@ -440,6 +444,8 @@ def evaluate_claims(
     extra: tuple[Claim, ...] = ()
     if specificity is not None:
         extra = (_specificity(specificity, alpha), _replication(specificity))
+    if frequency is not None:
+        extra += (Claim.from_dict(frequency_claim(frequency)),)
     if group_ablation is not None:
         extra += (Claim.from_dict(group_ablation_claim(group_ablation, alpha)),)
     claims = (

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.models.adapters import ModelAdapter
 from raretoken.models.hooks import ablate_heads, attention_patterns, capture_input
@@ -373,6 +374,11 @@ def head_ablation(
 # ---------------------------------------------------------------------------------------------
 
 
+#: Most windows the routing analysis re-runs (each head ablation re-runs the last blocks over
+#: every window; see :meth:`RoutingContext.from_identification`).
+ROUTING_MAX_WINDOWS = 32
+
+
 @dataclass(eq=False)
 class RoutingContext:
     """What the routing analysis needs from the model, with the model runs cached.
@@ -391,25 +397,72 @@ class RoutingContext:
     _gini: dict[str, HeadGini] = field(default_factory=dict, repr=False)
     _ablations: dict[tuple[int, ...], HeadAblation] = field(default_factory=dict, repr=False)
 
+    #: Rows of the identification's scored positions that this context covers, in order
+    #: (``None``: all of them); see :meth:`rows_of`.
+    rows: np.ndarray | None = None
+
     @classmethod
     def from_identification(
-        cls, ident: Identification, *, progress: bool = False
+        cls,
+        ident: Identification,
+        *,
+        progress: bool = False,
+        max_windows: int | None = ROUTING_MAX_WINDOWS,
+        seed: int | None = None,
     ) -> RoutingContext:
-        """Context for an identification run (loads the model if needed)."""
+        """Context for an identification run (loads the model if needed).
+
+        Every head ablation re-runs the last blocks over every window, so with more than
+        ``max_windows`` windows a seeded uniform choice of ``max_windows`` of them is used
+        (default :data:`ROUTING_MAX_WINDOWS`; ``None``: all); :meth:`rows_of` maps the
+        identification's rows onto the context's.
+        """
         if ident.block_input is None:
             raise InsufficientDataError(
                 "the identification has no captured residual stream of the last blocks "
                 "(block_input); rerun identification to capture it"
             )
+        if max_windows is not None and max_windows < 2:
+            raise ConfigError(f"max_windows must be >= 2, got {max_windows}")
         lm = ident.stages.loaded
+        mask = np.asarray(ident.sample.target_mask, dtype=bool)
+        n_windows = int(mask.shape[0])
+        if max_windows is None or n_windows <= max_windows:
+            return cls(
+                adapter=lm.adapter,
+                block_input=ident.block_input,
+                target_mask=mask,
+                batch_size=int(ident.config.batch_size),
+                reference_acts=ident.acts,
+                progress=progress,
+            )
+        rng = as_generator(int(ident.config.seed if seed is None else seed) + 7)
+        windows = np.sort(rng.choice(n_windows, size=max_windows, replace=False))
+        row_window = np.nonzero(mask)[0]
+        rows = np.flatnonzero(np.isin(row_window, windows))
+        logger.info("routing on %d of %d windows (%d scored positions)",
+                    max_windows, n_windows, rows.size)  # fmt: skip
         return cls(
             adapter=lm.adapter,
-            block_input=ident.block_input,
-            target_mask=ident.sample.target_mask,
+            block_input=np.asarray(ident.block_input[windows]),
+            target_mask=mask[windows],
             batch_size=int(ident.config.batch_size),
-            reference_acts=ident.acts,
+            reference_acts=np.asarray(ident.acts[rows]),
             progress=progress,
+            rows=rows,
         )
+
+    def rows_of(self, positions: np.ndarray) -> np.ndarray:
+        """The context's rows of those of ``positions`` (rows of the identification's scored
+        positions) that lie in its windows, in the same order."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if self.rows is None:
+            return pos
+        where = np.searchsorted(self.rows, pos)
+        inside = (where < self.rows.size) & (
+            self.rows[np.minimum(where, self.rows.size - 1)] == pos
+        )
+        return where[inside].astype(np.int64)
 
     def gini(self, variant: GiniVariant = "standard") -> HeadGini:
         if variant not in self._gini:

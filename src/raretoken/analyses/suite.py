@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raretoken.ablation.group import row_inputs
-from raretoken.errors import ConfigError, InsufficientDataError
+from raretoken.errors import ConfigError, InsufficientDataError, RareTokenError
 from raretoken.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from ._tables import jsonable, write_csv
 from .claims import ClaimsTable, evaluate_claims
 from .coordination import CoordinationResult
+from .frequency import FrequencyNeuronResult, frequency_analysis
 from .group_ablation import GroupAblationResult, group_ablation_analysis
 from .groups import NeuronGroup, plateau_group
 from .matched import MatchedControls, matched_controls
@@ -89,6 +90,10 @@ class AnalysisSuite:
     group_ablation:
         The group ablated jointly vs size-matched random groups and vs the sum of its
         single-neuron effects (``None`` when not computed).
+    frequency:
+        The frequency-neuron question (Stolfo et al. 2024): how much of each neuron's effect
+        passes through the unigram direction, the group vs random groups (``None`` when not
+        computed).
     seconds:
         Wall time per step (not part of any table).
     """
@@ -102,6 +107,7 @@ class AnalysisSuite:
     specificity: SpecificityResult | None = None
     matched: MatchedControls | None = None
     group_ablation: GroupAblationResult | None = None
+    frequency: FrequencyNeuronResult | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors
@@ -152,6 +158,8 @@ class AnalysisSuite:
             parts += [self.matched.to_markdown(), "\n"]
         if self.group_ablation is not None:
             parts += [self.group_ablation.to_markdown(), "\n"]
+        if self.frequency is not None:
+            parts += [self.frequency.to_markdown(), "\n"]
         parts += [self.spatial.to_markdown(), "\n"]
         if self.routing is not None:
             parts += [self.routing.to_markdown(), "\n"]
@@ -173,6 +181,7 @@ class AnalysisSuite:
             "group_ablation": (
                 None if self.group_ablation is None else self.group_ablation.to_dict()
             ),
+            "frequency": None if self.frequency is None else self.frequency.to_dict(),
             "seconds": dict(self.seconds),
         }
 
@@ -182,6 +191,7 @@ class AnalysisSuite:
         spec = d.get("specificity")
         matched = d.get("matched")
         gab = d.get("group_ablation")
+        freq = d.get("frequency")
         return cls(
             main=SplitAnalyses.from_dict(d["main"]),
             claims=ClaimsTable.from_dict(d["claims"]),
@@ -192,6 +202,7 @@ class AnalysisSuite:
             specificity=None if spec is None else SpecificityResult.from_dict(spec),
             matched=None if matched is None else MatchedControls.from_dict(matched),
             group_ablation=None if gab is None else GroupAblationResult.from_dict(gab),
+            frequency=None if freq is None else FrequencyNeuronResult.from_dict(freq),
             seconds={str(k): float(v) for k, v in d.get("seconds", {}).items()},
         )
 
@@ -303,6 +314,9 @@ def run_analyses(
     t = time.perf_counter()
     gab = _group_ablation(ident, group, n_rand, sd)
     seconds["group_ablation"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    freq = _frequency(ident, group, n_rand, sd)
+    seconds["frequency"] = round(time.perf_counter() - t, 3)
     claims = evaluate_claims(
         main.coordination,  # type: ignore[arg-type]  # strict: never None
         main.spatial,  # type: ignore[arg-type]
@@ -311,6 +325,7 @@ def run_analyses(
         specificity=spec,
         matched=matched,
         group_ablation=gab,
+        frequency=freq,
         group_note=group.note,
     )
     rob = None
@@ -353,6 +368,7 @@ def run_analyses(
         specificity=spec,
         matched=matched,
         group_ablation=gab,
+        frequency=freq,
         seconds=seconds,
     )
 
@@ -385,6 +401,43 @@ def _group_ablation(
         )
     except InsufficientDataError as exc:
         logger.warning("group ablation not assessed: %s", exc)
+        return None
+
+
+#: Rare- and common-target positions (each) of the frequency-neuron check: its cost grows
+#: with positions x neurons x vocabulary (~40 s for 128 + 128 on SmolLM2, 2 CPU cores).
+FREQUENCY_POSITIONS = 128
+
+
+def _frequency(
+    ident: Identification, group: NeuronGroup, n_random: int, seed: int
+) -> FrequencyNeuronResult | None:
+    """The frequency-neuron check (:mod:`.frequency`), or ``None`` with the reason logged."""
+    cfg = ident.config
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return frequency_analysis(
+            ident.stages.loaded.adapter,
+            ident.mean_acts,
+            ident.resid,
+            ident.acts,
+            ident.sample.target_ids[ident.sample.target_mask],
+            ident.rare_positions,
+            ident.common_positions,
+            ident.counts,
+            group.neuron_ids,
+            n_random=n_random,
+            seed=seed,
+            max_positions=FREQUENCY_POSITIONS,
+            group_name=group.name,
+            device=device,
+            dtype=torch.float64 if cfg.dtype == "float64" else torch.float32,
+            reference_delta=ident.delta,
+        )
+    except RareTokenError as exc:
+        logger.warning("frequency-neuron check not run: %s", exc)
         return None
 
 
@@ -441,6 +494,13 @@ def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
         suite.group_ablation.plot(axes[0])
         figure("group_ablation", fig,
                "joint Δloss of the group vs random groups and its summed single effects")  # fmt: skip
+    if suite.frequency is not None:
+        table("frequency_neurons", suite.frequency,
+              f"frequency-neuron question: effect of the {g} through the unigram direction")  # fmt: skip
+        fig, axes = new_figure(1, width=5.5)
+        suite.frequency.plot(axes[0])
+        figure("frequency_neurons", fig,
+               "fraction of each neuron's effect mediated by the unigram direction")  # fmt: skip
     if suite.specificity is not None:
         table("specificity", suite.specificity,
               f"reviewer checks: is the {g} rare-specific, does it replicate")  # fmt: skip
