@@ -487,26 +487,25 @@ def write_analyses(suite: AnalysisSuite, run_dir: Path | str) -> dict[str, str]:
     if suite.matched is not None:
         table("matched", suite.matched,
               f"coordination, spatial, spectra of the {g} vs covariate-matched random groups")  # fmt: skip
-    if suite.group_ablation is not None:
-        table("group_ablation", suite.group_ablation,
-              f"the {g} ablated jointly: additivity and vs random groups")  # fmt: skip
+    # the reviewer checks: one table and one single-panel figure each
+    checks: tuple[tuple[str, Any, str, str], ...] = (
+        ("group_ablation", suite.group_ablation,
+         f"the {g} ablated jointly: additivity and vs random groups",
+         "joint Δloss of the group vs random groups and its summed single effects"),
+        ("frequency_neurons", suite.frequency,
+         f"frequency-neuron question: effect of the {g} through the unigram direction",
+         "fraction of each neuron's effect mediated by the unigram direction"),
+        ("specificity", suite.specificity,
+         f"reviewer checks: is the {g} rare-specific, does it replicate",
+         "log Δloss rare vs common per neuron: group, selective"),
+    )  # fmt: skip
+    for stem, res, about, fig_about in checks:
+        if res is None:
+            continue
+        table(stem, res, about)
         fig, axes = new_figure(1, width=5.5)
-        suite.group_ablation.plot(axes[0])
-        figure("group_ablation", fig,
-               "joint Δloss of the group vs random groups and its summed single effects")  # fmt: skip
-    if suite.frequency is not None:
-        table("frequency_neurons", suite.frequency,
-              f"frequency-neuron question: effect of the {g} through the unigram direction")  # fmt: skip
-        fig, axes = new_figure(1, width=5.5)
-        suite.frequency.plot(axes[0])
-        figure("frequency_neurons", fig,
-               "fraction of each neuron's effect mediated by the unigram direction")  # fmt: skip
-    if suite.specificity is not None:
-        table("specificity", suite.specificity,
-              f"reviewer checks: is the {g} rare-specific, does it replicate")  # fmt: skip
-        fig, axes = new_figure(1, width=5.5)
-        suite.specificity.plot(axes[0])
-        figure("specificity", fig, "log Δloss rare vs common per neuron: group, selective")
+        res.plot(axes[0])
+        figure(stem, fig, fig_about)
 
     fig, axes = new_figure(2)
     suite.coordination.plot(axes[0])

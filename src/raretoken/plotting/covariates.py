@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
+from ._save import save_png_svg
+
 #: Axis labels of the covariate columns (others are shown by their column name).
 LABELS: dict[str, str] = {
     "w_out_norm": "‖w_out‖",
@@ -89,13 +91,9 @@ class CovariatesDisplay:
         self.figure_ = fig
         return self
 
-    def savefig(self, stem: Path) -> list[Path]:
+    def savefig(self, stem: Path) -> tuple[Path, Path]:
+        """Write ``<stem>.png`` and ``<stem>.svg`` (plotting first if needed)."""
         if self.figure_ is None:
             self.plot()
         assert self.figure_ is not None
-        self.figure_.tight_layout()
-        paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            self.figure_.savefig(p, dpi=120)
-        return paths
+        return save_png_svg(self.figure_, stem, dpi=120)

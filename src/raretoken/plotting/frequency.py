@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from ..data.counting import TokenCounts
 from ..data.split import FrequencySplit
+from ._save import save_png_svg
 
 
 @dataclass
@@ -50,13 +51,9 @@ class FrequencyDisplay:
         self.figure_ = ax.figure  # type: ignore[assignment]
         return self
 
-    def savefig(self, stem: Path) -> list[Path]:
+    def savefig(self, stem: Path) -> tuple[Path, Path]:
+        """Write ``<stem>.png`` and ``<stem>.svg`` (plotting first if needed)."""
         if self.figure_ is None:
             self.plot()
         assert self.figure_ is not None
-        self.figure_.tight_layout()
-        paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            self.figure_.savefig(p, dpi=150)
-        return paths
+        return save_png_svg(self.figure_, stem, dpi=150)
