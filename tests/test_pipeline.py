@@ -217,5 +217,7 @@ def test_neuron_table_carries_the_covariates(setup: tuple[Path, Path, Path]) -> 
     assert np.allclose(table["act_abs_mean"], direct.act_abs_mean)
     assert np.allclose(table["unigram_cosine"], direct.unigram_cosine, equal_nan=True)
     assert (root / "run-covs" / "figures" / "covariates.png").exists()
+    summary = (root / "run-covs" / "summary.md").read_text()
+    assert "rare-target Δloss ranks most closely with" in summary
     manifest = json.loads((root / "run-covs" / "manifest.json").read_text())
     assert manifest["stages"]["covariates"]["n_positions"] == res.uniform_positions.size

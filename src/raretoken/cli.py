@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("raretoken")
 
 _HELP = {
-    "preset": "scale preset: demo (default: 400 rare targets, ~10 min on a 2-core CPU), paper "
+    "preset": "scale preset: demo (default: 600 rare targets, ~10 min on a 2-core CPU), paper "
     "(2,000 rare targets) or paper-windows (the paper's literal 49x512 windows, all scored)",
     "model": "'embedded' (SmolLM2-135M GGUF), a Hugging Face id, a local directory or a .gguf file",
     "revision": "hub revision (branch, tag or commit; e.g. Pythia 'step143000')",

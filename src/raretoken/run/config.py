@@ -8,7 +8,7 @@ rare target plus a seeded sample of ``max_common`` common targets (``scoring="ra
 see :mod:`raretoken.data.scoring`): the ablation's cost grows with the rare targets.
 
 ``demo`` (the default)
-    400 rare targets and 4,096 common ones, 100 bootstrap resamples: finishes on a 2-core
+    600 rare targets and 4,096 common ones, 100 bootstrap resamples: finishes on a 2-core
     CPU within about 10 minutes on the embedded SmolLM2 model.
 ``paper``
     2,000 rare targets and 8,192 common ones, 200 resamples.
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "sampling": "until_rare",
-        "n_rare": 400,
+        "n_rare": 600,
         "scoring": "rare+common",
         "max_common": 4096,
         "window_len": 512,
@@ -87,7 +87,7 @@ class RunConfig:
     sampling: str = "until_rare"
     n_windows: int = 16
     window_len: int = 512
-    n_rare: int = 400
+    n_rare: int = 600
     scoring: str = "rare+common"
     max_common: int = 8192
     score_percentile: float = 25.0

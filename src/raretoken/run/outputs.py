@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy.stats import spearmanr
 
 from ..plotting.covariates import CovariatesDisplay
 from ..plotting.frequency import FrequencyDisplay
@@ -179,15 +180,40 @@ def identification_summary(res: Identification) -> str:
         )
     lines.append(f"- Power-law exponent κ = {f.kappa:.3f} (rare); κ = {fc.kappa:.3f} (common).")
     if res.rare_boot is not None:
-        lines.append(f"- Rare targets: {res.rare_boot.summary()}")
+        lines.append(f"- Rare targets: {_lower_first(res.rare_boot.summary())}")
     if res.common_boot is not None:
-        lines.append(f"- Common targets: {res.common_boot.summary()}")
+        lines.append(f"- Common targets: {_lower_first(res.common_boot.summary())}")
     lines.append(
         f"- Common tokens: {'a plateau' if fc.has_plateau else 'no plateau'} "
         f"({fc.best.n_segments} segment(s))."
     )
+    lines += _covariate_lines(res)
     lines += ["", "See `figures/rank_curve.png`, `neurons.parquet` and `manifest.json`.", ""]
     return "\n".join(lines)
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _covariate_lines(res: Identification, top: int = 3) -> list[str]:
+    """The covariates that rank with rare-target Δloss most strongly (Spearman ρ)."""
+    covs = res.neurons.covariates
+    if covs is None:
+        return ["- Per-neuron covariates: not computed (see the manifest's `covariates` stage)."]
+    d = res.neurons.delta_rare
+    rho: dict[str, float] = {}
+    for name, x in covs.columns().items():
+        ok = np.isfinite(x) & np.isfinite(d)
+        if ok.sum() > 2 and np.ptp(x[ok]) > 0:
+            rho[name] = float(spearmanr(x[ok], d[ok]).statistic)
+    best = sorted(rho, key=lambda k: -abs(rho[k]))[:top]
+    return [
+        "- Per-neuron covariates (`neurons.parquet`, `figures/covariates.png`): rare-target "
+        "Δloss ranks most closely with "
+        + ", ".join(f"{k} (Spearman ρ {rho[k]:+.2f})" for k in best)
+        + "."
+    ]
 
 
 def _scoring_lines(res: Identification) -> list[str]:
