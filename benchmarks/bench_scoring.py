@@ -7,15 +7,16 @@ cheaper than scoring all positions of the same windows.
    the run's corpus, split and seed) and narrows them as the run does
    (:mod:`raretoken.data.scoring`): every target rare at ``--score-percentile`` plus a uniform
    sample holding ``--max-common`` common targets. This needs the tokenizer only.
-2. Captures the first ``--windows`` of those windows with every position scored and times the
-   fast all-neuron ablation, side by side in one process, on (a) all their positions and
-   (b) only the positions the narrowed sample scores in them; the two take turns within each
-   of ``--repeats`` repeats and the fastest run of each counts.
+2. Captures the first windows with every position scored, as many as hold ``--rows`` scored
+   positions, and times the fast all-neuron ablation side by side in one process on calls of
+   ``--rows`` positions (the run's chunk size): (a) all positions of the first windows,
+   (b) the scored positions; the two take turns within each of ``--repeats`` repeats and the
+   fastest run of each counts.
 3. Prints the per-position cost of each, and the ablation time of the whole sample each way:
    per-position cost x positions (the fast method is chunked over positions, so its cost is
    linear in them), and their ratio.
 
-    python benchmarks/bench_scoring.py --n-rare 2000 --max-common 8192 --windows 24
+    python benchmarks/bench_scoring.py --n-rare 2000 --max-common 8192 --rows 4096
 """
 
 from __future__ import annotations
@@ -46,9 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-rare", type=int, default=2000)
     ap.add_argument("--max-common", type=int, default=8192)
     ap.add_argument("--score-percentile", type=float, default=25.0)
-    ap.add_argument("--windows", type=int, default=24, help="windows captured and timed")
+    ap.add_argument(
+        "--rows", type=int, default=4096, help="positions per timed call (the run's chunk size)"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-stream-tokens", type=int, default=10_000_000)
+    ap.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.3,
+        help="share of the embedded corpus held out for contexts (0.1 holds ~2,000 rare "
+        "targets only just)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_common": args.max_common,
             "score_percentile": args.score_percentile,
             "max_stream_tokens": args.max_stream_tokens,
+            "heldout_fraction": args.heldout_fraction,
         },
     )
     st = Stages(cfg, ArrayCache(None), progress=False)
@@ -71,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     rare_m = split.masks()[0]
     n_rare = int(rare_m[narrowed.target_ids[narrowed.target_mask]].sum())
 
-    # the first windows, every position scored; which of their rows the narrowed sample keeps
-    k = min(args.windows, narrowed.n_windows)
+    # Windows in order, every position scored, until they hold --rows scored positions: both
+    # ways are then timed on calls of --rows positions (the run ablates in chunks of that
+    # size, which amortises the method's per-call work over the positions alike).
+    per_window = narrowed.target_mask.sum(1)
+    k = int(np.searchsorted(np.cumsum(per_window), args.rows)) + 1
+    k = min(max(k, 1), narrowed.n_windows)
     sub = dataclasses.replace(
         narrowed,
         input_ids=narrowed.input_ids[:k],
@@ -97,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             mean_acts,
         )
 
-    all_rows = np.arange(keep.size)
-    kept_rows = np.flatnonzero(keep)
+    all_rows = np.arange(min(args.rows, keep.size))
+    kept_rows = np.flatnonzero(keep)[: args.rows]
     best = {"all": math.inf, "scored": math.inf}
     for _ in range(args.repeats):
         for name, rows in (("all", all_rows), ("scored", kept_rows)):
@@ -115,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{narrowed.window_len} = {n_all:,} positions; {n_rare:,} rare targets "
         f"(percentile {cfg.percentile:g})\n"
         f"scored (rare+common): {n_scored:,} positions ({n_all / n_scored:.1f}x fewer)\n"
-        f"timed on the first {k} windows ({all_rows.size:,} positions, {kept_rows.size:,} of them "
-        f"scored), fastest of {args.repeats}, torch threads {torch.get_num_threads()}\n"
+        f"timed on calls of {all_rows.size:,} positions (all positions of the first windows) and "
+        f"{kept_rows.size:,} (the scored ones of the first {k} windows), fastest of "
+        f"{args.repeats}, torch threads {torch.get_num_threads()}\n"
         f"fast ablation per position: all {best['all'] * 1e3:.2f} ms, scored subset "
         f"{best['scored'] * 1e3:.2f} ms\n"
         f"ablation of the whole sample: every position {t_all:,.0f} s, rare+common "

@@ -433,6 +433,9 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     other = run_analyses(ident, n_random=20, seed=4, progress=False, routing=False)
     assert not np.array_equal(other.main.random_groups, suite.main.random_groups)
     assert other.routing is None and other.claims.verdict("routing") == "inconclusive"
+    # the frequency check's "all" positions are the uniform sample of positions
+    assert suite.frequency is not None and suite.group_ablation is not None
+    assert suite.frequency.settings["all_positions"] == "a uniform sample of positions"
     assert [c.key for c in suite.claims.claims] == [
         "specificity",
         "replication",
@@ -618,26 +621,33 @@ def test_suite_judges_the_claims_against_matched_controls(ident: Identification)
 
 
 def test_routing_on_a_seeded_subset_of_windows(ident: Identification) -> None:
-    """With more windows than ``max_windows`` the routing context keeps a seeded choice of
-    them; its rows map onto the identification's, and per-position results equal those of
-    the full context at the same rows (windows are independent)."""
+    """With more windows than ``max_windows`` the head ablations use a seeded choice of them
+    (the Gini all windows); their rows map onto the identification's, and per-position
+    results equal those of the full context at the same rows (windows are independent)."""
     from raretoken.analyses.routing_runs import RoutingContext
 
     full = RoutingContext.from_identification(ident, max_windows=None)
     sub = RoutingContext.from_identification(ident, max_windows=3)
     n_windows = ident.sample.target_mask.shape[0]
     assert n_windows > 3 and sub.rows is not None and full.rows is None
-    assert sub.block_input.shape[0] == 3
-    assert np.array_equal(sub.reference_acts, np.asarray(ident.acts)[sub.rows])
-    assert np.array_equal(sub.rows_of(sub.rows), np.arange(sub.rows.size))
-    outside = np.setdiff1d(np.arange(ident.acts.shape[0]), sub.rows)
+    assert sub.ablation_windows is not None and sub.ablation_windows.size == 3
+    rows = sub.rows
+    assert np.array_equal(np.unique(ident.position_windows[rows]), sub.ablation_windows)
+    assert np.array_equal(sub.rows_of(rows), np.arange(rows.size))
+    outside = np.setdiff1d(np.arange(ident.acts.shape[0]), rows)
     assert sub.rows_of(outside).size == 0
-    np.testing.assert_allclose(sub.gini().gini, full.gini().gini[:, sub.rows], atol=1e-6)
+    np.testing.assert_allclose(sub.gini().gini, full.gini().gini, atol=1e-6)
+    group = topk_group(ident, 6).neuron_ids
+    np.testing.assert_allclose(sub.ablation(group).base_sq, full.ablation(group).base_sq[rows],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     again = RoutingContext.from_identification(ident, max_windows=3)
-    assert np.array_equal(again.rows, sub.rows)  # seeded
+    assert np.array_equal(again.rows, rows)  # seeded
+    other = RoutingContext.from_identification(ident, max_windows=3, seed=5)
+    assert other.ablation_windows is not None
     with pytest.raises(ConfigError, match="max_windows"):
         RoutingContext.from_identification(ident, max_windows=1)
     res = analyses_for_split(ident, ident.rare_positions, ident.common_positions,
                              topk_group(ident, 6), n_random=5, seed=0, routing=sub)  # fmt: skip
     assert res.routing is not None, res.errors
-    assert res.routing.n_rare_positions == sub.rows_of(ident.rare_positions).size
+    # the Gini comparison uses every rare position; the impacts those in the 3 windows
+    assert res.routing.n_rare_positions == ident.rare_positions.size

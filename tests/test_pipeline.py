@@ -184,9 +184,7 @@ def test_scoring_keeps_every_rare_target_and_a_uniform_common_sample(
     assert full.sample.target_mask.sum() == full.sample.window_mask().sum()
     assert np.array_equal(full.uniform_positions, np.arange(full.sample.n_positions))
     # the same windows: the rare rows of the narrowed run are the full run's rare rows
-    assert np.allclose(
-        full.delta[full.rare_positions], res.delta[res.rare_positions], atol=1e-6
-    )
+    assert np.allclose(full.delta[full.rare_positions], res.delta[res.rare_positions], atol=1e-6)
     assert "Read and scored every position" in (root / "run-scoring-all" / "summary.md").read_text()
 
 

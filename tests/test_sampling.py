@@ -256,7 +256,7 @@ def test_sample_until_rare_runs_out(
             max_tokens=2000,
             progress=False,
         )
-    assert "--max-tokens" in str(info.value) and "\n" not in str(info.value)
+    assert "--max-stream-tokens" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError):
         sample_until_rare(docs, tokenizer, split=split, n_rare=0, seed=0, progress=False)
 

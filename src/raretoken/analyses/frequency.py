@@ -434,6 +434,7 @@ def frequency_analysis(
     dtype: torch.dtype = torch.float32,
     reference_delta: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
+    uniform_positions: np.ndarray | None = None,
 ) -> FrequencyNeuronResult:
     """Frequency-direction mediation of every final-layer neuron and of ``group_ids``.
 
@@ -459,12 +460,26 @@ def frequency_analysis(
     reference_delta:
         The run's own ``(n_positions, d_mlp)`` ablation Δloss (optional): the largest
         difference from it on the sampled rows is recorded in ``settings``.
+    uniform_positions:
+        Rows of a uniform sample of positions (``Identification.uniform_positions``). Given,
+        ``"all"`` (which decides the verdict) is a seeded draw of at most ``max_positions`` of
+        them — the general text, as for Stolfo et al.'s frequency neurons — and ``"common"``
+        its common-target rows; otherwise ``"all"`` is the rare and common rows together.
     """
     ss_pos, ss_groups = np.random.SeedSequence(int(seed)).spawn(2)
-    rare, common = sample_positions(
-        rare_positions, common_positions, max_positions, np.random.default_rng(ss_pos)
-    )
-    rows = np.concatenate([rare, common])
+    if uniform_positions is None:
+        rare, second = sample_positions(
+            rare_positions, common_positions, max_positions, np.random.default_rng(ss_pos)
+        )
+        common_in_second = np.ones(second.size, dtype=bool)
+    else:
+        # the second draw is from the uniform sample of positions: it stands for "all"
+        # positions (and its common-target rows for the common ones)
+        rare, second = sample_positions(
+            rare_positions, uniform_positions, max_positions, np.random.default_rng(ss_pos)
+        )
+        common_in_second = np.isin(second, np.asarray(common_positions, dtype=np.int64))
+    rows = np.concatenate([rare, second])
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]  # memory maps read fastest in order
     inv = np.empty_like(order)
@@ -492,10 +507,19 @@ def frequency_analysis(
         ref = np.asarray(reference_delta[sorted_rows], dtype=np.float64)[inv]
         settings["max_abs_diff_vs_reference"] = float(np.abs(ref - eff.total).max())
     n_r = rare.size
+    second_rows = np.arange(n_r, rows.size)
+    subsets = {
+        "all": second_rows if uniform_positions is not None else np.arange(rows.size),
+        "rare": np.arange(n_r),
+        "common": second_rows[common_in_second],
+    }
+    settings["all_positions"] = (
+        "a uniform sample of positions"
+        if uniform_positions is not None
+        else "the rare- and common-target rows together"
+    )
     return summarize_frequency(
-        eff.total, eff.held,
-        {"all": np.arange(rows.size), "rare": np.arange(n_r),
-         "common": np.arange(n_r, rows.size)},
+        eff.total, eff.held, subsets,
         group_ids, n_random=n_random, seed=np.random.default_rng(ss_groups),
         group_name=group_name, alpha=alpha, settings=settings,
     )  # fmt: skip

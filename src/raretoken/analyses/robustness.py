@@ -310,13 +310,14 @@ def analyses_for_split(
             lambda: routing_analysis(
                 ctx.gini(),
                 ctx.ablation(group.neuron_ids),
-                ctx.rows_of(rare),
-                ctx.rows_of(common),
+                rare,
+                common,
                 seed=np.random.default_rng(ss_routing),
                 group_name=group.name,
                 impact_positions=impact_positions,
                 n_random=n_random,
-                uniform_positions=ctx.rows_of(ident.uniform_positions),
+                uniform_positions=ident.uniform_positions,
+                ablation_rows=ctx.rows,
             ),
         )
     return SplitAnalyses(

@@ -79,6 +79,7 @@ from .routing_runs import (
     RoutingContext,
     attention_gini,
     head_ablation,
+    rows_within,
 )
 
 if TYPE_CHECKING:
@@ -382,6 +383,7 @@ def routing_analysis(
     n_random: int = 100,
     n_permutations: int = 10_000,
     uniform_positions: np.ndarray | None = None,
+    ablation_rows: np.ndarray | None = None,
 ) -> RoutingResult:
     """Compare rare vs common attention concentration and single-head vs layer ablation.
 
@@ -408,6 +410,10 @@ def routing_analysis(
     uniform_positions:
         The rows that stand for "all" positions (the uniform sample of positions when only
         some are scored, see :mod:`raretoken.data.scoring`); default every row.
+    ablation_rows:
+        When the head ablations cover only some windows (:class:`RoutingContext` with
+        ``max_windows``): the rows of the Gini array (scored positions) they cover, in their
+        order; the impacts then use those of the impact positions that lie in them.
 
     Raises
     ------
@@ -418,9 +424,14 @@ def routing_analysis(
     rare = np.asarray(rare_positions, dtype=np.int64)
     common = np.asarray(common_positions, dtype=np.int64)
     n_pos = gini_values.n_positions
-    if n_pos != ablation.base_sq.size:
+    if ablation_rows is None and n_pos != ablation.base_sq.size:
         raise ConfigError(
             f"the Gini array covers {n_pos} positions but the ablation {ablation.base_sq.size}"
+        )
+    if ablation_rows is not None and np.asarray(ablation_rows).size != ablation.base_sq.size:
+        raise ConfigError(
+            f"ablation_rows names {np.asarray(ablation_rows).size} rows but the ablation "
+            f"covers {ablation.base_sq.size}"
         )
     for name, idx in (("rare", rare), ("common", common)):
         if idx.size < 2:
@@ -442,6 +453,9 @@ def routing_analysis(
         pos = None if uniform_positions is None else np.asarray(uniform_positions, np.int64)
     else:
         pos = rare
+    if ablation_rows is not None:  # the ablation covers some windows only: its own rows
+        rows = np.asarray(ablation_rows, dtype=np.int64)
+        pos = rows_within(rows, np.arange(n_pos) if pos is None else pos)
     single = ablation.single
     whole = ablation.whole_layer
     heads = ablation.ablations[single]

@@ -53,6 +53,7 @@ __all__ = [
     "RoutingContext",
     "attention_gini",
     "head_ablation",
+    "rows_within",
 ]
 
 
@@ -379,6 +380,17 @@ def head_ablation(
 ROUTING_MAX_WINDOWS = 32
 
 
+def rows_within(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Indices into sorted ``rows`` of those ``positions`` that are among them (in order)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    pos = np.asarray(positions, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    where = np.searchsorted(rows, pos)
+    inside = (where < rows.size) & (rows[np.minimum(where, rows.size - 1)] == pos)
+    return where[inside].astype(np.int64)
+
+
 @dataclass(eq=False)
 class RoutingContext:
     """What the routing analysis needs from the model, with the model runs cached.
@@ -397,9 +409,8 @@ class RoutingContext:
     _gini: dict[str, HeadGini] = field(default_factory=dict, repr=False)
     _ablations: dict[tuple[int, ...], HeadAblation] = field(default_factory=dict, repr=False)
 
-    #: Rows of the identification's scored positions that this context covers, in order
-    #: (``None``: all of them); see :meth:`rows_of`.
-    rows: np.ndarray | None = None
+    #: The windows the head ablations re-run (``None``: all); see :meth:`from_identification`.
+    ablation_windows: np.ndarray | None = None
 
     @classmethod
     def from_identification(
@@ -412,10 +423,11 @@ class RoutingContext:
     ) -> RoutingContext:
         """Context for an identification run (loads the model if needed).
 
-        Every head ablation re-runs the last blocks over every window, so with more than
-        ``max_windows`` windows a seeded uniform choice of ``max_windows`` of them is used
-        (default :data:`ROUTING_MAX_WINDOWS`; ``None``: all); :meth:`rows_of` maps the
-        identification's rows onto the context's.
+        The attention Gini is computed over every window (one re-run of the last blocks).
+        Each head ablation re-runs them again, so with more than ``max_windows`` windows
+        (default :data:`ROUTING_MAX_WINDOWS`; ``None``: all) the ablations use a seeded
+        uniform choice of ``max_windows`` of them (seed: ``seed``, default the run's), and
+        :attr:`rows` names the scored positions they cover.
         """
         if ident.block_input is None:
             raise InsufficientDataError(
@@ -427,42 +439,33 @@ class RoutingContext:
         lm = ident.stages.loaded
         mask = np.asarray(ident.sample.target_mask, dtype=bool)
         n_windows = int(mask.shape[0])
-        if max_windows is None or n_windows <= max_windows:
-            return cls(
-                adapter=lm.adapter,
-                block_input=ident.block_input,
-                target_mask=mask,
-                batch_size=int(ident.config.batch_size),
-                reference_acts=ident.acts,
-                progress=progress,
-            )
-        rng = as_generator(int(ident.config.seed if seed is None else seed) + 7)
-        windows = np.sort(rng.choice(n_windows, size=max_windows, replace=False))
-        row_window = np.nonzero(mask)[0]
-        rows = np.flatnonzero(np.isin(row_window, windows))
-        logger.info("routing on %d of %d windows (%d scored positions)",
-                    max_windows, n_windows, rows.size)  # fmt: skip
+        windows = None
+        if max_windows is not None and n_windows > max_windows:
+            rng = as_generator(int(ident.config.seed if seed is None else seed) + 7)
+            windows = np.sort(rng.choice(n_windows, size=max_windows, replace=False))
+            logger.info("head ablations on %d of %d windows", max_windows, n_windows)
         return cls(
             adapter=lm.adapter,
-            block_input=np.asarray(ident.block_input[windows]),
-            target_mask=mask[windows],
+            block_input=ident.block_input,
+            target_mask=mask,
             batch_size=int(ident.config.batch_size),
-            reference_acts=np.asarray(ident.acts[rows]),
+            reference_acts=ident.acts,
             progress=progress,
-            rows=rows,
+            ablation_windows=windows,
         )
 
+    @property
+    def rows(self) -> np.ndarray | None:
+        """Rows (scored positions, in order) the head ablations cover; ``None``: all."""
+        if self.ablation_windows is None:
+            return None
+        row_window = np.nonzero(self.target_mask)[0]
+        return np.flatnonzero(np.isin(row_window, self.ablation_windows))
+
     def rows_of(self, positions: np.ndarray) -> np.ndarray:
-        """The context's rows of those of ``positions`` (rows of the identification's scored
-        positions) that lie in its windows, in the same order."""
-        pos = np.asarray(positions, dtype=np.int64)
-        if self.rows is None:
-            return pos
-        where = np.searchsorted(self.rows, pos)
-        inside = (where < self.rows.size) & (
-            self.rows[np.minimum(where, self.rows.size - 1)] == pos
-        )
-        return where[inside].astype(np.int64)
+        """The ablation's rows of those of ``positions`` that lie in its windows."""
+        rows = self.rows
+        return np.asarray(positions, np.int64) if rows is None else rows_within(rows, positions)
 
     def gini(self, variant: GiniVariant = "standard") -> HeadGini:
         if variant not in self._gini:
@@ -480,11 +483,16 @@ class RoutingContext:
         ids = check_group(group, self.adapter.dims.d_mlp)
         key = tuple(int(i) for i in ids)
         if key not in self._ablations:
+            bi, mask, rows = self.block_input, self.target_mask, self.rows
             ref = None if self.reference_acts is None else self.reference_acts[:, ids]
+            if self.ablation_windows is not None and rows is not None:
+                bi = np.asarray(bi[self.ablation_windows])
+                mask = mask[self.ablation_windows]
+                ref = None if ref is None else np.asarray(ref)[rows]
             self._ablations[key] = head_ablation(
                 self.adapter,
-                self.block_input,
-                self.target_mask,
+                bi,
+                mask,
                 ids,
                 start_layer=self.start_layer,
                 batch_size=self.batch_size,

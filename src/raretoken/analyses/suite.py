@@ -265,7 +265,7 @@ def run_analyses(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     group = plateau_group(ident, fallback_k=fallback_k)
-    ctx = RoutingContext.from_identification(ident, progress=progress) if routing else None
+    ctx = RoutingContext.from_identification(ident, progress=progress, seed=sd) if routing else None
     main = analyses_for_split(
         ident,
         ident.rare_positions,
@@ -399,7 +399,7 @@ def _group_ablation(
             clusters=ident.position_windows,
             group_name=group.name,
         )
-    except InsufficientDataError as exc:
+    except RareTokenError as exc:
         logger.warning("group ablation not assessed: %s", exc)
         return None
 
@@ -435,6 +435,7 @@ def _frequency(
             device=device,
             dtype=torch.float64 if cfg.dtype == "float64" else torch.float32,
             reference_delta=ident.delta,
+            uniform_positions=ident.uniform_positions,
         )
     except RareTokenError as exc:
         logger.warning("frequency-neuron check not run: %s", exc)

@@ -587,8 +587,9 @@ def sample_until_rare(
     if found < n_rare:
         raise InsufficientDataError(
             f"found {found} rare positions in {tokens.size} tokens ({tiles.size} windows), "
-            f"fewer than the {n_rare} requested; use --max-tokens / fewer rare positions / "
-            "the windows mode"
+            f"fewer than the {n_rare} requested; use a larger corpus (or a larger "
+            "--heldout-fraction), a higher --max-stream-tokens, a smaller --n-rare, or "
+            "--sampling windows"
         )
     n_take = int(np.searchsorted(running, n_rare, side="left")) + 1
     sample = draw.take(n_take, "until_rare")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the analyses change what they compute: cached suites with an older value are
 #: recomputed.
-ANALYSES_VERSION = 2
+ANALYSES_VERSION = 3
 
 
 @dataclass(frozen=True)

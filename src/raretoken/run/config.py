@@ -115,9 +115,7 @@ class RunConfig:
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"scoring must be one of {', '.join(SCORING_MODES)}")
         if not 0 < self.score_percentile < 100:
-            raise ConfigError(
-                f"score_percentile must be in (0, 100), got {self.score_percentile}"
-            )
+            raise ConfigError(f"score_percentile must be in (0, 100), got {self.score_percentile}")
         if self.scoring == "rare+common" and self.score_percentile < self.percentile:
             raise ConfigError(
                 f"score_percentile ({self.score_percentile}) must be at least the split's "

@@ -93,6 +93,9 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     klass = np.where(rare_m[targets], "rare", np.where(common_m[targets], "common", "excluded"))
     uniform = np.zeros(targets.size, dtype=bool)
     uniform[res.uniform_positions] = True
+    # common targets outside the uniform sample were scored for being rare at the scoring
+    # percentile: they are not a sample of the common targets
+    klass = np.where((klass == "common") & ~uniform, "common (not sampled)", klass)
     write_parquet(out / "positions.parquet", {
         "window": win, "position": pos, "target_id": targets,
         "target_token": res.token_strings[targets], "class": klass, "base_loss": res.base_loss,
@@ -100,7 +103,8 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
     })  # fmt: skip
     run.record_output("positions", "positions.parquet",
                       "every scored position: window, position, target token, class, base loss, "
-                      "whether it belongs to the uniform sample of positions")  # fmt: skip
+                      "whether it belongs to the uniform sample of positions (common-target "
+                      "statistics use those)")  # fmt: skip
 
     counts = np.asarray(res.counts.counts)
     tok_class = np.where(rare_m, "rare", np.where(common_m, "common", "excluded"))

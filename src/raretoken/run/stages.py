@@ -460,9 +460,6 @@ class Stages:
             return w.commit(mmap=True)["delta"]
 
 
-#: Version of the covariates stage's output (part of its cache key).
-COVARIATES_VERSION = 1
-
 #: Positions per chunk of the ablation stage (rounded to the method's step; see
 #: :func:`ablation_chunks`).
 CHUNK_POSITIONS = 4096
