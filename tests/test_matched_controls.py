@@ -87,3 +87,28 @@ def test_verdict_text_under_matching(uniform: str, p_matched: float, expected: s
         assert expected in judged.finding
     spatial = _with_matched(Claim("spatial", "c", "p", "f", "t", 0.5, uniform), m, 0.05, null=True)
     assert spatial.verdict_matched == "inconclusive" and "not computed" in spatial.finding
+
+
+def test_unmatchable_inputs_are_reported_not_fatal() -> None:
+    """A constant covariate is left out (and said so); a group too large to match within the
+    layer makes every matched comparison 'not possible' with the reason, never a crash, and
+    the claims say so."""
+    acts, w_out, ids = _confounded(2)
+    group = NeuronGroup("plateau", "plateau", ids)
+    flat = np.full_like(acts, 0.5)  # mean |activation| the same for every neuron
+    ns = SimpleNamespace(acts=flat, uniform_positions=np.arange(acts.shape[0]))
+    m = matched_controls(ns, group, acts, w_out, w_out, n_random=10, seed=0)  # type: ignore[arg-type]
+    assert m.covariates == ("w_out_norm",)
+    assert "constant over the layer" in m.errors["covariate act_abs_mean"]
+    assert m.coordination is not None  # matched on the norms alone
+
+    big = NeuronGroup("plateau", "plateau", np.arange(200))
+    ns = SimpleNamespace(acts=acts, uniform_positions=np.arange(acts.shape[0]))
+    m = matched_controls(ns, big, acts, w_out, w_out, n_random=10, seed=0)  # type: ignore[arg-type]
+    assert m.coordination is None and m.spatial is None and m.spectra is None
+    assert "matched controls not possible" in m.errors["coordination"]
+    claim = Claim("coordination", "c", "p", "f", "t", 0.01, SUPPORTED)
+    judged = _with_matched(claim, m, 0.05)
+    assert judged.verdict_matched == "inconclusive" and "not possible" in judged.finding
+    assert MatchedControls.from_dict(json.loads(json.dumps(m.to_dict()))).errors == m.errors
+    assert "not possible" in m.to_markdown()

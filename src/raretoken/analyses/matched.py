@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from raretoken.errors import RareTokenError
+from raretoken.errors import InsufficientDataError, RareTokenError
 from raretoken.stats.baselines import BaselineComparison
 from raretoken.stats.matching import CovariateBalance, matched_random_groups
 
@@ -177,15 +177,28 @@ def matched_controls(
     """
     covs = matching_covariates(ident.acts[ident.uniform_positions], w_out)
     ss_groups, ss_spatial = np.random.SeedSequence([seed, 1]).spawn(2)
-    matched = matched_random_groups(
-        group.neuron_ids,
-        {k: covs[k] for k in MATCH_COVARIATES},
-        n_random,
-        seed=np.random.default_rng(ss_groups),
-        n_bins=n_bins,
-    )
-    groups = np.sort(matched.groups, axis=1)
     errors: dict[str, str] = {}
+    # a covariate that is constant over the layer cannot be matched on: say so, use the rest
+    used = {k: covs[k] for k in MATCH_COVARIATES if np.ptp(covs[k][np.isfinite(covs[k])]) > 0}
+    for name in MATCH_COVARIATES:
+        if name not in used:
+            errors[f"covariate {name}"] = "constant over the layer: not matched on"
+    try:
+        if not used:
+            raise InsufficientDataError("every matching covariate is constant over the layer")
+        matched = matched_random_groups(
+            group.neuron_ids, used, n_random, seed=np.random.default_rng(ss_groups),
+            n_bins=n_bins,
+        )  # fmt: skip
+    except RareTokenError as err:  # e.g. a group too large to match within the layer
+        logger.warning("matched controls not possible: %s", err)
+        why = f"matched controls not possible: {err}"
+        errors.update({name: why for name in ("coordination", "spatial", "spectra")})
+        return MatchedControls(
+            group_name=group.name, covariates=tuple(used), n_groups=0, n_coarsened=0,
+            balance=(), coordination=None, spatial=None, spectra=None, errors=errors,
+        )  # fmt: skip
+    groups = np.sort(matched.groups, axis=1)
 
     def attempt(name: str, fn: Callable[[], T]) -> T | None:
         try:
@@ -208,7 +221,7 @@ def matched_controls(
     ))  # fmt: skip
     return MatchedControls(
         group_name=group.name,
-        covariates=MATCH_COVARIATES,
+        covariates=tuple(used),
         n_groups=int(groups.shape[0]),
         n_coarsened=int(matched.n_coarsened),
         balance=tuple(matched.balance),
