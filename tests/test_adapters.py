@@ -59,7 +59,9 @@ def test_adapter_for_picks_family(any_family: str) -> None:
 
 
 def test_supported_model_types() -> None:
-    assert set(SUPPORTED_MODEL_TYPES) == {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "olmo"}
+    assert set(SUPPORTED_MODEL_TYPES) == {
+        "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "olmo", "qwen3", "phi3"
+    }  # fmt: skip
 
 
 def test_dims(family: str) -> None:

@@ -10,7 +10,10 @@ to ones/zeros, which would hide scale/bias mistakes). Randomness is drawn inside
 
 Besides :data:`FAMILIES`, :func:`tiny_model` builds ``qwen2`` (with sliding-window layers),
 ``mistral`` (sliding window 8), ``olmo`` (non-parametric LayerNorm) and ``gemma`` (unsupported,
-for refusal tests).
+for refusal tests), and the families of :data:`NEW_FAMILIES`: ``qwen3`` (q/k norms, explicit
+``head_dim`` 16 so ``n_heads * head_dim != d_model``, sliding window 4 on layers >= 1) and
+``phi3`` (fused ``gate_up_proj`` / ``qkv_proj``, partial rotary 0.5 as in Phi-4-mini, sliding
+window 8).
 """
 
 from __future__ import annotations
@@ -36,15 +39,21 @@ from transformers import (
     MistralForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 FAMILIES = ("gpt2", "neox", "llama")
 LLAMA_LIKE = ("qwen2", "mistral", "olmo")
-ALL_KINDS = (*FAMILIES, *LLAMA_LIKE, "gemma")
+NEW_FAMILIES = ("qwen3", "phi3")
+ALL_KINDS = (*FAMILIES, *LLAMA_LIKE, "gemma", *NEW_FAMILIES)
+QWEN3_HEAD_DIM = 16
 
 N_LAYERS = 3
 D_MODEL = 32
@@ -156,6 +165,19 @@ def _build(kind: str, vocab_size: int) -> PreTrainedModel:
         return MistralForCausalLM(MistralConfig(**llama_kw, sliding_window=8))
     if kind == "olmo":
         return OlmoForCausalLM(OlmoConfig(**llama_kw))
+    if kind == "qwen3":
+        q3 = Qwen3Config(
+            **llama_kw, head_dim=QWEN3_HEAD_DIM, use_sliding_window=True, sliding_window=4,
+            max_window_layers=1,
+        )  # fmt: skip
+        return Qwen3ForCausalLM(q3)
+    if kind == "phi3":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        phi = Phi3Config(
+            **llama_kw, pad_token_id=None, rope_parameters=rope, sliding_window=8,
+            original_max_position_embeddings=MAX_POSITIONS,
+        )  # fmt: skip
+        return Phi3ForCausalLM(phi)
     if kind == "gemma":
         return GemmaForCausalLM(GemmaConfig(**llama_kw, head_dim=D_MODEL // N_HEADS))
     raise ValueError(f"unknown tiny model kind {kind!r}; choose from {ALL_KINDS}")

@@ -10,6 +10,8 @@ from .adapters import (
     ModelDims,
     NeoXAdapter,
     NormSpec,
+    Phi3Adapter,
+    Qwen3Adapter,
     adapter_for,
     check_model_type,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "ModelSpec",
     "NeoXAdapter",
     "NormSpec",
+    "Phi3Adapter",
+    "Qwen3Adapter",
     "ablate_heads",
     "adapter_for",
     "attention_patterns",

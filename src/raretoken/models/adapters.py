@@ -10,6 +10,12 @@ projection**:
 * GPT-NeoX / Pythia (``gpt_neox``): ``gpt_neox.layers[l].mlp.dense_4h_to_h`` input.
 * Llama family (``llama``, ``mistral``, ``qwen2``, ``olmo``): ``model.layers[l].mlp.down_proj``
   input, i.e. ``act(gate_proj x) * up_proj x`` (gated MLP).
+* Qwen 3 (``qwen3``): the Llama layout plus q/k RMSNorms inside the attention module.
+* Phi-3 (``phi3``): ``model.layers[l].mlp.down_proj`` input, ``act(gate x) * up x`` where
+  ``gate`` / ``up`` are the first / second half of the fused ``gate_up_proj``; attention has a
+  fused ``qkv_proj``.
+
+The family classes are defined in :mod:`raretoken.models.families` and re-exported here.
 
 The adapters only *name* modules and weights; they compute nothing. Adapters in the style of
 TransformerLens / pyvene were chosen over attribute guessing so that an unsupported layout fails
@@ -18,7 +24,7 @@ wrong tensor.
 
 Families deliberately left out: Gemma (``(1 + w)`` RMSNorm and embeddings scaled by
 ``sqrt(d_model)``), OLMo-2 (norms after attention/MLP and on q/k) and anything else whose module
-layout differs from the three above.
+layout differs from the families above.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = [
     "ModelDims",
     "NeoXAdapter",
     "NormSpec",
+    "Phi3Adapter",
+    "Qwen3Adapter",
     "adapter_for",
     "check_model_type",
 ]
@@ -279,6 +287,32 @@ class ModelAdapter(ABC):
             max_positions=sizes.max_positions,
         )
 
+    # ----------------------------------------------------------------- layout checks
+    def check_layout(self) -> None:
+        """Check the family's pieces beyond those every family has (called by
+        :func:`adapter_for`); raise :class:`UnsupportedArchitectureError` naming what differs.
+
+        The default checks nothing more.
+        """
+        return None
+
+    def _layout_error(self, what: str) -> UnsupportedArchitectureError:
+        model_type = getattr(self.model.config, "model_type", None)
+        return UnsupportedArchitectureError(
+            f"model type {model_type!r} ({type(self.model).__name__}) does not have the "
+            f"{self.family} module layout: {what}"
+        )
+
+    def _check_shape(
+        self, layer: int, name: str, module: nn.Module, shape: tuple[int, int]
+    ) -> None:
+        """Refuse projection ``module`` unless its weight is ``(out, in)`` = ``shape``."""
+        got = tuple(self._weight(module, name).shape)
+        if got != shape:
+            raise self._layout_error(
+                f"layer {layer} {name} has weight (out, in) = {got}, expected {shape} from the config"
+            )
+
     # ----------------------------------------------------------------- shared
     def blocks(self) -> Sequence[nn.Module]:
         """The transformer blocks in order."""
@@ -340,84 +374,22 @@ class ModelAdapter(ABC):
         return head(hidden)
 
 
-class GPT2Adapter(ModelAdapter):
-    """GPT-2: ``transformer.h[l]`` with ``Conv1D`` projections, ``ln_f`` and a tied LM head."""
+# The family classes live in families.py (they import the base class above); re-exported here.
+from .families import (  # noqa: E402
+    GPT2Adapter,
+    LlamaAdapter,
+    NeoXAdapter,
+    Phi3Adapter,
+    Qwen3Adapter,
+)
 
-    family = "gpt2"
-    model_types = ("gpt2",)
-
-    base_path = "transformer"
-    layers_path = "transformer.h"
-    final_norm_path = "transformer.ln_f"
-    position_embedding_path = "transformer.wpe"
-    mlp_out_name = "c_proj"
-    mlp_in_names = (("in", "c_fc"),)
-    attention_name = "attn"
-    attn_out_name = "c_proj"
-    # Conv1D stores its weight as (in_features, out_features): c_proj's is (d_mlp, d_model).
-    conv1d_weights = True
-
-    def _config_sizes(self) -> _ConfigSizes:
-        cfg = self.model.config
-        d_model = int(cfg.n_embd)
-        n_heads = int(cfg.n_head)
-        return _ConfigSizes(d_model, n_heads, n_heads, d_model // n_heads, int(cfg.n_positions))
-
-
-class NeoXAdapter(ModelAdapter):
-    """GPT-NeoX / Pythia: ``gpt_neox.layers[l]``, ``final_layer_norm``, untied LM head.
-
-    The LM head is ``embed_out`` in transformers 4.x and ``lm_head`` in 5.x; it is found through
-    ``get_output_embeddings()``.
-    """
-
-    family = "neox"
-    model_types = ("gpt_neox",)
-
-    base_path = "gpt_neox"
-    layers_path = "gpt_neox.layers"
-    final_norm_path = "gpt_neox.final_layer_norm"
-    mlp_out_name = "dense_4h_to_h"
-    mlp_in_names = (("in", "dense_h_to_4h"),)
-    attention_name = "attention"
-    attn_out_name = "dense"
-
-    def _config_sizes(self) -> _ConfigSizes:
-        cfg = self.model.config
-        d_model = int(cfg.hidden_size)
-        n_heads = int(cfg.num_attention_heads)
-        return _ConfigSizes(d_model, n_heads, n_heads, d_model // n_heads, _max_positions(cfg))
-
-
-class LlamaAdapter(ModelAdapter):
-    """Llama layout: ``model.layers[l]`` with gated MLP, ``model.norm``, ``lm_head``.
-
-    Also used for Mistral, Qwen2 and OLMo (v1), whose module layout is identical; their
-    differences (sliding-window masks, q/k/v biases, non-parametric LayerNorm) live inside the
-    modules or the model's own forward, which the analyses always go through.
-    """
-
-    family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "olmo")
-
-    base_path = "model"
-    layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    mlp_out_name = "down_proj"
-    mlp_in_names = (("up", "up_proj"), ("gate", "gate_proj"))
-    attention_name = "self_attn"
-    attn_out_name = "o_proj"
-
-    def _config_sizes(self) -> _ConfigSizes:
-        cfg = self.model.config
-        d_model = int(cfg.hidden_size)
-        n_heads = int(cfg.num_attention_heads)
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
-        return _ConfigSizes(d_model, n_heads, int(n_kv), int(head_dim), _max_positions(cfg))
-
-
-_ADAPTERS: tuple[type[ModelAdapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter)
+_ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    GPT2Adapter,
+    NeoXAdapter,
+    LlamaAdapter,
+    Qwen3Adapter,
+    Phi3Adapter,
+)
 _BY_MODEL_TYPE: dict[str, type[ModelAdapter]] = {
     mt: cls for cls in _ADAPTERS for mt in cls.model_types
 }
@@ -453,8 +425,8 @@ def adapter_for(model: PreTrainedModel) -> ModelAdapter:
     The module layout is checked too (a base model without LM head, or a model whose blocks lack
     the expected projections, is refused with :class:`UnsupportedArchitectureError`).
     """
-    config = getattr(model, "config", None)
-    cls = check_model_type(getattr(config, "model_type", None))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = check_model_type(model_type)
     adapter = cls(model)
     try:
         layers = adapter.layers_module()
@@ -465,9 +437,11 @@ def adapter_for(model: PreTrainedModel) -> ModelAdapter:
         adapter.attn_out_proj(0)
         adapter.final_norm_module()
         adapter.unembedding()
+        adapter.check_layout()
     except AttributeError as exc:
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} does not have the {cls.family} module layout "
+            f"model type {model_type!r} ({type(model).__name__}) does not have the "
+            f"{cls.family} module layout "
             f"(a causal-LM class with an LM head is required): {exc}"
         ) from exc
     return adapter
