@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
+from ..analyses.groups import default_topk
 from ..plotting.covariates import CovariatesDisplay
 from ..plotting.frequency import FrequencyDisplay
 from ..plotting.rank_curve import RankCurveDisplay
@@ -80,7 +81,12 @@ def write_identification(res: Identification, run: RunDirectory) -> None:
                       "vocabulary-projection kurtosis/skew, unigram cosine, null-space fraction; "
                       "also neurons.csv)")  # fmt: skip
     if covs:
-        CovariatesDisplay.from_columns(n.delta_rare, covs, plateau).savefig(
+        highlight, label = plateau, "plateau"
+        if not plateau.any():  # the group the analyses fall back to
+            k = default_topk(n.neuron_ids.size)
+            highlight = np.isin(n.neuron_ids, np.argsort(-n.delta_rare, kind="stable")[:k])
+            label = f"top-{k} by Δloss (no plateau)"
+        CovariatesDisplay.from_columns(n.delta_rare, covs, highlight, label).savefig(
             out / "figures" / "covariates"
         )
         run.record_output("fig_covariates", "figures/covariates.png",
