@@ -186,7 +186,44 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     ana.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_analysis_args(ana)
+    sw = sub.add_parser("sweep", help="run identification + analyses for models x revisions")
+    sw.add_argument("sweep_file", type=Path, help="sweep.toml: [[models]], revisions, settings")
+    sw.add_argument("--out", type=Path, help="sweep directory (default raretoken-sweeps/<file>)")
+    sw.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/raretoken)")
+    sw.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    sw.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rep = sub.add_parser("sweep-report", help="rebuild sweep.parquet of a sweep directory")
+    rep.add_argument("sweep_dir", type=Path, help="directory written by `raretoken sweep`")
     return parser
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import format_table, load_sweep, run_sweep, sweep_table
+
+    spec = load_sweep(args.sweep_file)
+    out = args.out or Path("raretoken-sweeps") / args.sweep_file.stem
+    res = run_sweep(
+        spec, out, cache_dir=args.cache_dir, no_cache=args.no_cache, progress=not args.no_progress
+    )
+    sys.stdout.write(format_table(sweep_table(out)))
+    done = {s: res.count(s) for s in ("complete", "reused", "failed")}
+    log.info("sweep directory: %s (%s)", out, ", ".join(f"{n} {s}" for s, n in done.items()))
+    if not res.ok:
+        sys.stderr.write(
+            f"error: {done['failed']} of {len(res.tasks)} tasks failed; tracebacks in "
+            f"{out}/tasks/<name>/traceback.txt; rerun to retry them\n"
+        )
+        return 1
+    return 0
+
+
+def _cmd_sweep_report(args: argparse.Namespace) -> int:
+    from .sweep import format_table, sweep_table, write_sweep_table
+
+    path = write_sweep_table(args.sweep_dir)
+    sys.stdout.write(format_table(sweep_table(args.sweep_dir)))
+    log.info("wrote %s", path)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -245,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        if args.command == "sweep-report":
+            return _cmd_sweep_report(args)
     except RareTokenError as exc:
         if args.debug:
             raise

@@ -30,6 +30,7 @@ from .stages import open_cache
 
 if TYPE_CHECKING:
     from ..analyses import AnalysisSuite
+    from .config import RunConfig
     from .identification import Identification
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ class AnalysisOptions:
     definitions: tuple[str, ...] = ("plateau", "topk", "selective")
 
     def resolved(self, ident: Identification) -> AnalysisOptions:
-        cfg = ident.config
+        """The options with the run's defaults filled in."""
+        return self.resolved_for(ident.config)
+
+    def resolved_for(self, cfg: RunConfig) -> AnalysisOptions:
+        """The options with the defaults of the run configuration ``cfg`` filled in."""
         return AnalysisOptions(
             **{
                 **asdict(self),
