@@ -436,6 +436,14 @@ def test_run_analyses_end_to_end(ident: Identification, tmp_path: Path) -> None:
     # the frequency check's "all" positions are the uniform sample of positions
     assert suite.frequency is not None and suite.group_ablation is not None
     assert suite.frequency.settings["all_positions"] == "a uniform sample of positions"
+    # a check that could not run is a row saying why, not a missing row
+    from raretoken.analyses.claims import evaluate_claims
+
+    partial = evaluate_claims(suite.main.coordination, suite.main.spatial, None,  # type: ignore[arg-type]
+                              suite.main.spectra, not_assessed={"group_ablation": "no rows"})  # type: ignore[arg-type]  # fmt: skip
+    row = next(c for c in partial.claims if c.key == "group_ablation")
+    assert row.finding == "not assessed: no rows" and row.verdict == "inconclusive"
+    assert row.p_bh is None and "joint ablation" in row.claim
     assert [c.key for c in suite.claims.claims] == [
         "specificity",
         "replication",

@@ -399,6 +399,25 @@ def with_bh(claims: tuple[Claim, ...], alpha: float) -> tuple[Claim, ...]:
     return tuple(out)
 
 
+#: What each reviewer check asks, for the row that says it could not be assessed.
+CHECK_CLAIMS: dict[str, str] = {
+    "specificity": "The neurons are rare-token neurons, not neurons that matter for every token "
+    "(reviewer check)",
+    "replication": "The plateau is a property of the model, found again on independent windows "
+    "(reviewer check)",
+    "frequency_neurons": "The rare-token neurons are not token-frequency neurons (Stolfo et al. "
+    "2024; reviewer check)",
+    "group_ablation": "Ablated together, the neurons matter for rare targets beyond random "
+    "groups (reviewer check: joint ablation)",
+}
+
+
+def _not_assessed(key: str, why: str) -> Claim:
+    """The row of a check that could not run on this run, saying why."""
+    return Claim(key, CHECK_CLAIMS.get(key, key), "–", f"not assessed: {why}", "–", None,
+                 INCONCLUSIVE)  # fmt: skip
+
+
 def verdicts_of(
     coordination: CoordinationResult | None,
     spatial: SpatialResult | None,
@@ -430,6 +449,7 @@ def evaluate_claims(
     matched: MatchedControls | None = None,
     group_ablation: GroupAblationResult | None = None,
     frequency: FrequencyNeuronResult | None = None,
+    not_assessed: Mapping[str, str] | None = None,
     group_note: str = "",
     alpha: float = 0.05,
     min_rho: float = 0.5,
@@ -444,6 +464,7 @@ def evaluate_claims(
     extra: tuple[Claim, ...] = ()
     if specificity is not None:
         extra = (_specificity(specificity, alpha), _replication(specificity))
+    extra += tuple(_not_assessed(k, why) for k, why in (not_assessed or {}).items())
     if frequency is not None:
         extra += (Claim.from_dict(frequency_claim(frequency)),)
     if group_ablation is not None:

@@ -285,11 +285,13 @@ def run_analyses(
     seconds.update(main.seconds)
     t = time.perf_counter()
     spec: SpecificityResult | None
+    not_assessed: dict[str, str] = {}  # check -> why it could not run (a claims row says so)
     try:
         spec = analyze_specificity(ident, group, n_random=n_rand, seed=sd)
     except InsufficientDataError as exc:
         logger.warning("rare-specificity not assessed: %s", exc)
         spec = None
+        not_assessed["specificity"] = not_assessed["replication"] = str(exc)
     seconds["specificity"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     adapter = ident.stages.loaded.adapter
@@ -312,10 +314,10 @@ def run_analyses(
     )
     seconds["matched"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    gab = _group_ablation(ident, group, n_rand, sd)
+    gab = _group_ablation(ident, group, n_rand, sd, not_assessed)
     seconds["group_ablation"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    freq = _frequency(ident, group, n_rand, sd)
+    freq = _frequency(ident, group, n_rand, sd, not_assessed)
     seconds["frequency"] = round(time.perf_counter() - t, 3)
     claims = evaluate_claims(
         main.coordination,  # type: ignore[arg-type]  # strict: never None
@@ -326,6 +328,7 @@ def run_analyses(
         matched=matched,
         group_ablation=gab,
         frequency=freq,
+        not_assessed=not_assessed,
         group_note=group.note,
     )
     rob = None
@@ -374,7 +377,11 @@ def run_analyses(
 
 
 def _group_ablation(
-    ident: Identification, group: NeuronGroup, n_random: int, seed: int
+    ident: Identification,
+    group: NeuronGroup,
+    n_random: int,
+    seed: int,
+    not_assessed: dict[str, str],
 ) -> GroupAblationResult | None:
     """The group ablated jointly (:mod:`.group_ablation`), or ``None`` with the reason logged."""
     dtype = torch.float64 if ident.config.dtype == "float64" else torch.float32
@@ -401,6 +408,7 @@ def _group_ablation(
         )
     except RareTokenError as exc:
         logger.warning("group ablation not assessed: %s", exc)
+        not_assessed["group_ablation"] = str(exc)
         return None
 
 
@@ -410,7 +418,11 @@ FREQUENCY_POSITIONS = 128
 
 
 def _frequency(
-    ident: Identification, group: NeuronGroup, n_random: int, seed: int
+    ident: Identification,
+    group: NeuronGroup,
+    n_random: int,
+    seed: int,
+    not_assessed: dict[str, str],
 ) -> FrequencyNeuronResult | None:
     """The frequency-neuron check (:mod:`.frequency`), or ``None`` with the reason logged."""
     cfg = ident.config
@@ -439,6 +451,7 @@ def _frequency(
         )
     except RareTokenError as exc:
         logger.warning("frequency-neuron check not run: %s", exc)
+        not_assessed["frequency_neurons"] = str(exc)
         return None
 
 
