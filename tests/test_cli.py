@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,12 @@ def test_run_prints_summary(
                 "figures/spectra.png", "summary.md", "neurons.parquet"):  # fmt: skip
         assert rel in outputs and (root / "ok" / rel).stat().st_size > 0, rel
     assert "analyses/robustness.md" not in outputs
+    # the summary names exactly the analysis figures that were written
+    line = next(x for x in out.splitlines() if x.startswith("Tables and tests:"))
+    named = set(re.findall(r"`(figures/[a-z_]+\.png)`", line))
+    written = {p for p in outputs if p.startswith("figures/") and p.endswith(".png")}
+    written -= {"figures/rank_curve.png", "figures/token_frequency.png", "figures/covariates.png"}
+    assert named == written and "figures/group_ablation.png" in named
 
 
 def test_rerun_takes_the_analyses_from_the_cache(

@@ -187,11 +187,25 @@ def analyses_summary(suite: AnalysisSuite) -> str:
         "",
         suite.claims.to_markdown().strip(),
         "",
-        "Tables and tests: `analyses/report.md`; figures: `figures/coordination.png`, "
-        "`figures/spatial.png`, `figures/routing.png`, `figures/spectra.png`.",
+        "Tables and tests: `analyses/report.md`; figures: "
+        + ", ".join(f"`figures/{stem}.png`" for stem in _figure_stems(suite))
+        + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def _figure_stems(suite: AnalysisSuite) -> list[str]:
+    """The analysis figures :func:`raretoken.analyses.write_analyses` writes for ``suite``."""
+    optional = {
+        "routing": suite.routing,
+        "group_ablation": suite.group_ablation,
+        "frequency_neurons": suite.frequency,
+        "specificity": suite.specificity,
+        "robustness": suite.robustness,
+    }
+    stems = ["coordination", "spatial", "spectra"]
+    return stems + [stem for stem, res in optional.items() if res is not None]
 
 
 def config_of_run_dir(run_dir: Path | str) -> dict[str, Any]:
