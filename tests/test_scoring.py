@@ -10,10 +10,10 @@ from raretoken.data.scoring import (
     score_rare_and_sample,
     scoring_summary,
     uniform_rows,
-    window_rows,
 )
 from raretoken.errors import ConfigError
 from raretoken.run.config import make_config
+from raretoken.stats.regime_bootstrap import window_of_rows
 
 VOCAB = 50
 
@@ -112,7 +112,7 @@ def test_rows_helpers_follow_the_capture_order() -> None:
     s = _sample(n_windows=4, window_len=16)
     rare, common = _masks()
     out = score_rare_and_sample(s, always_mask=rare, common_mask=common, max_common=8, seed=0)
-    rows_w = window_rows(out)
+    rows_w = window_of_rows(out.target_mask)
     assert rows_w.size == out.n_positions
     assert np.array_equal(rows_w, np.nonzero(out.target_mask)[0])
     uni = uniform_rows(out)

@@ -30,6 +30,7 @@ from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.models.adapters import ModelAdapter
 from raretoken.models.hooks import ablate_heads, attention_patterns, capture_input
 from raretoken.models.tail import run_from_layer
+from raretoken.stats.regime_bootstrap import window_of_rows
 from raretoken.stats.routing import (
     GiniVariant,
     causal_mask,
@@ -459,7 +460,7 @@ class RoutingContext:
         """Rows (scored positions, in order) the head ablations cover; ``None``: all."""
         if self.ablation_windows is None:
             return None
-        row_window = np.nonzero(self.target_mask)[0]
+        row_window = window_of_rows(self.target_mask)
         return np.flatnonzero(np.isin(row_window, self.ablation_windows))
 
     def rows_of(self, positions: np.ndarray) -> np.ndarray:

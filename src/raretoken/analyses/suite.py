@@ -376,6 +376,11 @@ def run_analyses(
     )
 
 
+def _compute_dtype(ident: Identification) -> torch.dtype:
+    """The dtype the closed-form checks compute in: float64 for a float64 run, else float32."""
+    return torch.float64 if ident.config.dtype == "float64" else torch.float32
+
+
 def _group_ablation(
     ident: Identification,
     group: NeuronGroup,
@@ -384,7 +389,7 @@ def _group_ablation(
     not_assessed: dict[str, str],
 ) -> GroupAblationResult | None:
     """The group ablated jointly (:mod:`.group_ablation`), or ``None`` with the reason logged."""
-    dtype = torch.float64 if ident.config.dtype == "float64" else torch.float32
+    dtype = _compute_dtype(ident)
     try:
         src = row_inputs(
             ident.stages.loaded.adapter,
@@ -445,7 +450,7 @@ def _frequency(
             max_positions=FREQUENCY_POSITIONS,
             group_name=group.name,
             device=device,
-            dtype=torch.float64 if cfg.dtype == "float64" else torch.float32,
+            dtype=_compute_dtype(ident),
             reference_delta=ident.delta,
             uniform_positions=ident.uniform_positions,
         )

@@ -172,9 +172,3 @@ def uniform_rows(sample: ContextSample) -> np.ndarray:
         return np.arange(sample.n_positions, dtype=np.int64)
     flat = np.asarray(sample.target_mask, dtype=bool).ravel()
     return np.flatnonzero(np.asarray(sample.uniform_mask, dtype=bool).ravel()[flat])
-
-
-def window_rows(sample: ContextSample) -> np.ndarray:
-    """The window (row of ``target_mask``) of every scored position, in capture order."""
-    mask = np.asarray(sample.target_mask, dtype=bool)
-    return np.nonzero(mask)[0].astype(np.int64)

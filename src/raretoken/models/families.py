@@ -103,7 +103,7 @@ class LlamaAdapter(ModelAdapter):
     layers_path = "model.layers"
     final_norm_path = "model.norm"
     mlp_out_name = "down_proj"
-    mlp_in_names = (("up", "up_proj"), ("gate", "gate_proj"))
+    mlp_in_names: ClassVar[tuple[tuple[str, str], ...]] = (("up", "up_proj"), ("gate", "gate_proj"))
     attention_name = "self_attn"
     attn_out_name = "o_proj"
 
@@ -144,7 +144,7 @@ class Qwen3Adapter(LlamaAdapter):
                 self._check_shape(layer, f"self_attn.{name}", _module(attn, name), shape)
 
 
-class Phi3Adapter(ModelAdapter):
+class Phi3Adapter(LlamaAdapter):
     """Phi-3: the Llama layout with fused ``gate_up_proj`` (MLP) and ``qkv_proj`` (attention).
 
     The neurons are still the input of ``mlp.down_proj``. :meth:`mlp_in_weights` splits the fused
@@ -155,18 +155,9 @@ class Phi3Adapter(ModelAdapter):
     family = "phi3"
     model_types = ("phi3",)
 
-    base_path = "model"
-    layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    mlp_out_name = "down_proj"
     mlp_in_names = (("gate_up", "gate_up_proj"),)
     """The fused projection; :meth:`mlp_in_weights` returns its halves as ``up`` and ``gate``."""
-    attention_name = "self_attn"
-    attn_out_name = "o_proj"
     qkv_name = "qkv_proj"
-
-    def _config_sizes(self) -> _ConfigSizes:
-        return _gqa_config_sizes(self.model.config)
 
     def mlp_in_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """``{"up", "gate"}``, each ``(d_mlp, d_model)``: the halves of ``gate_up_proj``.

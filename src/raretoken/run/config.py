@@ -233,21 +233,27 @@ def _coerce(name: str, value: Any, origin: str = "Python") -> Any:
     )
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The parsed TOML file ``path``; a missing file, a directory or invalid TOML is a one-line
+    :class:`ConfigError` naming ``what`` (e.g. ``"config file"``) and the path."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The settings of a TOML config file, type-checked (see :func:`_coerce`).
 
     Settings may sit at the top level or in a ``[run]`` table (not both for one setting); any
     other top-level key is refused with :class:`ConfigError`.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "config file")
     run_table = data.get("run", {})
     if not isinstance(run_table, dict):
         raise ConfigError(

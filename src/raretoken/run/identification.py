@@ -17,12 +17,13 @@ import numpy as np
 
 from .._faults import checkpoint
 from ..data.sampling import ContextSample
-from ..data.scoring import ScoringSummary, scoring_summary, uniform_rows, window_rows
+from ..data.scoring import ScoringSummary, scoring_summary, uniform_rows
 from ..data.split_checks import MIN_RARE_POSITIONS
 from ..data.token_stats import FrequencySplit, TokenCounts, split_rare_common
 from ..errors import InsufficientDataError, RareTokenError
 from ..stats.covariates import NeuronCovariates
 from ..stats.mean_bootstrap import mean_interval
+from ..stats.regime_bootstrap import window_of_rows
 from ..stats.regimes import (
     ColumnSum,
     RegimeBootstrap,
@@ -189,7 +190,7 @@ def identify(
     rare_fit = fit_regimes(neurons.delta_rare, neurons.neuron_ids)
     common_fit = fit_regimes(neurons.delta_common, neurons.neuron_ids)
     rare_boot = common_boot = None
-    windows = window_rows(sample)
+    windows = window_of_rows(sample.target_mask)
     if cfg.n_boot > 0:
         # positions of one window are correlated: resample whole windows
         rare_boot = bootstrap_regimes(

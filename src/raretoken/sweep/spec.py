@@ -32,11 +32,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from ..errors import ConfigError
 from ..run import AnalysisOptions, RunConfig, make_config
-from ..run.config import _coerce
+from ..run.config import _coerce, read_toml
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _PATH_SETTINGS = ("model", "corpus", "freq_corpus")
@@ -276,13 +274,5 @@ def parse_sweep(
 def load_sweep(path: Path | str) -> SweepSpec:
     """Read and expand a ``sweep.toml`` (errors: :class:`ConfigError`, one line)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"sweep file {path} is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "sweep file")
     return parse_sweep(data, path.resolve().parent, source=str(path))
