@@ -24,7 +24,7 @@ from raretoken.sweep import (
     sweep_table,
     write_sweep_table,
 )
-from raretoken.sweep.tasks import is_done
+from raretoken.sweep.tasks import is_done, task_log
 
 ANALYSIS = AnalysisOptions(routing=False)
 
@@ -254,8 +254,11 @@ def test_missing_sweep_file_and_unknown_executor(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sweep file not found"):
         load_sweep(tmp_path / "nope.toml")
     spec = parse_sweep({"models": [{"model": "m"}]})
-    with pytest.raises(ConfigError, match="unknown executor 'ray'"):
-        run_sweep(spec, tmp_path / "out", executor="ray")
+    with pytest.raises(ConfigError, match="unknown executor 'dask'; choose one of local, ray"):
+        run_sweep(spec, tmp_path / "out", executor="dask")
+    with pytest.raises(ConfigError, match=r"--address .* needs the ray executor"):
+        run_sweep(spec, tmp_path / "out", address="auto")
+    assert not (tmp_path / "out").exists()  # nothing created on a refused sweep
 
 
 def test_cli_sweep_and_sweep_report(
@@ -296,3 +299,36 @@ def test_cli_sweep_with_a_failed_task_exits_1(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "1 of 2 tasks failed" in err
+
+
+def test_task_log_takes_info_lines_without_changing_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    seen: list[str] = []
+
+    class Console(logging.Handler):  # like logging.basicConfig's handler: no level of its own
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    top, pkg = logging.getLogger(), logging.getLogger("raretoken")
+    console = Console()
+    monkeypatch.setattr(top, "level", logging.WARNING)  # a quiet console (-q)
+    top.addHandler(console)
+    before = (pkg.level, pkg.propagate, list(pkg.handlers))
+    logger = logging.getLogger("raretoken.sweep.test")
+    try:
+        assert pkg.getEffectiveLevel() == logging.WARNING
+        with task_log(tmp_path / "log.txt"):
+            logger.info("an info line")
+            logger.warning("a warning line")
+        logger.info("after the block")
+        logger.warning("a second warning")
+    finally:
+        top.removeHandler(console)
+    text = (tmp_path / "log.txt").read_text()
+    assert "INFO raretoken.sweep.test: an info line" in text and "a warning line" in text
+    assert "after the block" not in text and "a second warning" not in text
+    assert seen == ["a warning line", "a second warning"]  # the console is unchanged
+    assert (pkg.level, pkg.propagate, list(pkg.handlers)) == before

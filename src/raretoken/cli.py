@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import RareTokenError
 
@@ -58,14 +58,34 @@ _HELP = {
 }
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_setting_args(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, skip: tuple[str, ...] = ()
+) -> None:
+    """One ``--flag`` per run setting (:class:`~raretoken.run.RunConfig` field) not in ``skip``."""
     from .run.config import RunConfig
 
     for f in fields(RunConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)
         kind = int if t.startswith("int") else float if t.startswith("float") else str
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=_HELP.get(f.name))
+
+
+def _setting_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The run settings given as flags (``None``: not given)."""
+    from .run.config import RunConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name not in skip}
+
+
+#: Settings a sweep file gives per task (``[[models]]`` and ``revisions``), not as flags.
+_SWEEP_OWN = ("model", "revision")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_setting_args(p)
     p.add_argument("--config", type=Path, help="TOML file with settings (flags win)")
     p.add_argument(
         "--out", type=Path, help="run directory (default raretoken-runs/<model>-<preset>)"
@@ -192,18 +212,70 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/raretoken)")
     sw.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     sw.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    rep = sub.add_parser("sweep-report", help="rebuild sweep.parquet of a sweep directory")
+    sw.add_argument(
+        "--overwrite", action="store_true", help="run into a directory holding another sweep"
+    )
+    ex = sw.add_argument_group("executor")
+    ex.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "ray"),
+        help="local: one task after another in this process (default); ray: Ray Core tasks "
+        "(pip install 'raretoken[ray]')",
+    )
+    ex.add_argument(
+        "--address",
+        help="Ray cluster to join ('auto', HOST:PORT or ray://HOST:PORT); "
+        "default: start a local one for this sweep",
+    )
+    ex.add_argument(
+        "--max-parallel", type=int, help="most tasks in flight under Ray (default: all that fit)"
+    )
+    ex.add_argument(
+        "--cpus-per-task", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)"
+    )
+    ex.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="retries of a Ray task whose worker died (default 2; a task raising is not retried)",
+    )
+    ex.add_argument(
+        "--cluster-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)"
+    )
+    _add_setting_args(
+        sw.add_argument_group("run settings (win over the sweep file's, for every task)"),
+        skip=_SWEEP_OWN,
+    )
+    rep = sub.add_parser(
+        "sweep-report",
+        help="rebuild sweep.parquet, tables/, figures/, notes.md and report.html of a sweep",
+    )
     rep.add_argument("sweep_dir", type=Path, help="directory written by `raretoken sweep`")
+    page = sub.add_parser("report", help="write report.html of a run or a sweep directory")
+    page.add_argument("directory", type=Path, help="run directory or sweep directory")
     return parser
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import format_table, load_sweep, run_sweep, sweep_table
 
-    spec = load_sweep(args.sweep_file)
+    overrides = {k: v for k, v in _setting_overrides(args, _SWEEP_OWN).items() if v is not None}
+    spec = load_sweep(args.sweep_file, overrides=overrides or None)
     out = args.out or Path("raretoken-sweeps") / args.sweep_file.stem
     res = run_sweep(
-        spec, out, cache_dir=args.cache_dir, no_cache=args.no_cache, progress=not args.no_progress
+        spec,
+        out,
+        executor=args.executor,
+        address=args.address,
+        max_parallel=args.max_parallel,
+        cpus_per_task=args.cpus_per_task,
+        max_retries=args.max_retries,
+        num_cpus=args.cluster_cpus,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
+        progress=not args.no_progress,
     )
     sys.stdout.write(format_table(sweep_table(out)))
     done = {s: res.count(s) for s in ("complete", "reused", "failed")}
@@ -218,19 +290,49 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep_report(args: argparse.Namespace) -> int:
-    from .sweep import format_table, sweep_table, write_sweep_table
+    from .sweep import format_table, sweep_table
+    from .sweep.tasks import write_outputs
 
-    path = write_sweep_table(args.sweep_dir)
+    written = write_outputs(args.sweep_dir)
     sys.stdout.write(format_table(sweep_table(args.sweep_dir)))
-    log.info("wrote %s", path)
+    log.info("wrote %d files in %s (report: %s)", len(written), args.sweep_dir,
+             written["report.html"])  # fmt: skip
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .errors import RunDirectoryError
+
+    d = args.directory
+    if (d / "sweep_manifest.json").exists() or (
+        (d / "tasks").is_dir() and not (d / "manifest.json").exists()
+    ):
+        from .report import write_sweep_report
+        from .sweep.outputs import ABOUT
+
+        path = write_sweep_report(d, run_reports=True, captions=ABOUT)
+    elif (d / "manifest.json").exists():
+        from .report import write_run_report
+
+        path = write_run_report(d)
+    else:
+        raise RunDirectoryError(
+            f"{d} is neither a raretoken run directory (no manifest.json) nor a sweep directory"
+        )
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _write_run_report(run_dir: Path) -> None:
+    from .report import write_run_report
+
+    log.info("report: %s", write_run_report(run_dir))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import identify, make_config
-    from .run.config import RunConfig
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
+    overrides = _setting_overrides(args)
     preset = overrides.pop("preset")
     cfg = make_config(preset=preset, config_file=args.config, overrides=overrides)
     res = identify(
@@ -251,6 +353,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             no_cache=args.no_cache,
             progress=not args.no_progress,
         )
+    _write_run_report(res.run_dir)
     log.info("run directory: %s", res.run_dir)
     sys.stdout.write((res.run_dir / "summary.md").read_text())
     return 0
@@ -266,6 +369,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         progress=not args.no_progress,
     )
+    _write_run_report(args.run_dir)
     sys.stdout.write((args.run_dir / "summary.md").read_text())
     return 0
 
@@ -286,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sweep(args)
         if args.command == "sweep-report":
             return _cmd_sweep_report(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except RareTokenError as exc:
         if args.debug:
             raise

@@ -333,9 +333,12 @@ def _tiles(n_tokens: int, span: int, phase: int, exclude: ContextSample | None) 
     return starts[~overlaps]
 
 
-def _check_common(
+def check_window_settings(
     *, window_len: int, bos_policy: str, max_context: int | None, max_tokens: int
 ) -> int:
+    """Input positions one window needs; :class:`ConfigError` for a bad size or policy, a
+    window longer than ``max_context`` or ``max_tokens`` below one window. Both samplers
+    check this first; a cached sample is checked against a new model's context with it."""
     if window_len < 1:
         raise ConfigError(f"window_len must be >= 1, got {window_len}")
     if bos_policy not in BOS_POLICIES:
@@ -438,7 +441,7 @@ def _draw(
     n_rare: int = 0,
 ) -> _Draw:
     """Check the settings shared by both samplers, read the stream and order its tiles."""
-    _check_common(
+    check_window_settings(
         window_len=window_len, bos_policy=bos_policy, max_context=max_context, max_tokens=max_tokens
     )
     sep = _special_id(tokenizer, separator_id, "eos_token_id", "pass separator_id")

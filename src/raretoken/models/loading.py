@@ -14,6 +14,11 @@
 Every load returns the model in eval mode with gradients off, plus an ``identity`` dict meant as
 the model part of a cache key (see :func:`load_model`). GGUF files are checked from their header
 first (:mod:`raretoken.models.gguf`, whose public names are re-exported here).
+
+:func:`load_tokenizer` reads only the tokenizer and the config (sizes from the architecture
+built on the ``meta`` device, no weights read): what token statistics and context windows need.
+They are keyed by :func:`tokenizer_identity`, the tokenizer's content, so checkpoints and sizes
+sharing a tokenizer share them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -54,16 +60,21 @@ __all__ = [
     "EMBEDDED_PACKAGE",
     "GGUF_MODEL_TYPES",
     "LoadedModel",
+    "LoadedTokenizer",
     "ModelSpec",
     "ResolvedSource",
+    "TokenizerInfo",
     "check_gguf",
     "check_tokenizer",
     "embedded_model_path",
     "gguf_architecture",
     "gguf_model_type",
     "load_model",
+    "load_tokenizer",
+    "model_dims",
     "resolve_device",
     "resolve_source",
+    "tokenizer_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,7 +285,17 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) 
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TokenizerMismatchError("the model has no input embedding matrix to check against")
-    rows = int(weight.shape[0])
+    _check_vocab_fits(tokenizer, int(weight.shape[0]))
+    for name in ("bos_token_id", "eos_token_id"):
+        tok_id = getattr(tokenizer, name, None)
+        cfg_id = getattr(model.config, name, None)
+        cfg_ids = cfg_id if isinstance(cfg_id, list) else [cfg_id]
+        if tok_id is not None and cfg_id is not None and tok_id not in cfg_ids:
+            log.warning("tokenizer %s %s differs from the model config's %s", name, tok_id, cfg_id)
+
+
+def _check_vocab_fits(tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
+    """The vocabulary checks of :func:`check_tokenizer` against ``rows`` embedding rows."""
     vocab = tokenizer.get_vocab()
     n_tokens = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     if n_tokens > rows:
@@ -287,12 +308,31 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) 
             f"the tokenizer has {n_tokens} tokens, far fewer than the model's {rows} embedding "
             "rows; it is probably from another model"
         )
-    for name in ("bos_token_id", "eos_token_id"):
-        tok_id = getattr(tokenizer, name, None)
-        cfg_id = getattr(model.config, name, None)
-        cfg_ids = cfg_id if isinstance(cfg_id, list) else [cfg_id]
-        if tok_id is not None and cfg_id is not None and tok_id not in cfg_ids:
-            log.warning("tokenizer %s %s differs from the model config's %s", name, tok_id, cfg_id)
+
+
+def _load_kwargs(spec: ModelSpec, src: ResolvedSource) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments: the GGUF file and the hub revision."""
+    kwargs: dict[str, Any] = {}
+    if src.gguf_file is not None:
+        kwargs["gguf_file"] = src.gguf_file
+    if spec.revision is not None:
+        if src.kind == "hub":
+            kwargs["revision"] = spec.revision
+        else:
+            log.warning("revision %r ignored for the local source %r", spec.revision, spec.source)
+    return kwargs
+
+
+def _attempt(spec: ModelSpec, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)``, any failure but ours raised as a one-line :class:`ModelLoadError`."""
+    try:
+        return fn(*args, **kw)
+    except RareTokenError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the {what} of {spec.source!r}: {_one_line(exc)}"
+        ) from exc
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -321,24 +361,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = _parse_dtype(spec.dtype)
     device = resolve_device(spec.device)
     src = resolve_source(spec)
-    kwargs: dict[str, Any] = {}
-    if src.gguf_file is not None:
-        kwargs["gguf_file"] = src.gguf_file
-    if spec.revision is not None:
-        if src.kind == "hub":
-            kwargs["revision"] = spec.revision
-        else:
-            log.warning("revision %r ignored for the local source %r", spec.revision, spec.source)
+    kwargs = _load_kwargs(spec, src)
 
     def attempt(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except RareTokenError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot load the {what} of {spec.source!r}: {_one_line(exc)}"
-            ) from exc
+        return _attempt(spec, what, fn, *args, **kw)
 
     if src.kind in ("gguf", "embedded") and src.path is not None:
         check_gguf(src.path)  # from the header: refuse before transformers reads anything
@@ -374,3 +400,171 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         "transformers_version": transformers.__version__,
     }
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, identity=identity)
+
+
+# --------------------------------------------------------------------------- tokenizer only
+#: Keys of a backend tokenizer's JSON that hold call-time state, not how text is tokenized.
+_TOKENIZER_STATE_KEYS = ("truncation", "padding")
+#: Version of :func:`tokenizer_identity`'s hashed payload (part of the hash).
+TOKENIZER_IDENTITY_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the tokenizer-keyed stages need to know about a model, read without its weights.
+
+    ``tokenizer`` is :func:`tokenizer_identity`; ``dims`` the sizes of :func:`model_dims`
+    (``None`` when the architecture could not be built from the config alone: they are then
+    read once the model loads); ``max_positions`` the model's context length, if known.
+    """
+
+    tokenizer: dict[str, Any]
+    dims: dict[str, int] | None
+    max_positions: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows: the length of the counts arrays."""
+        return int(self.tokenizer["vocab_size"])
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The part of a cache key that identifies the tokenization (not the class name)."""
+        return {"sha256": self.tokenizer["sha256"], "vocab_size": self.vocab_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerInfo:
+        mp = data.get("max_positions")
+        dims = data.get("dims")
+        return cls(
+            tokenizer=dict(data["tokenizer"]),
+            dims=None if dims is None else {k: int(v) for k, v in dims.items()},
+            max_positions=None if mp is None else int(mp),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedTokenizer:
+    """A tokenizer loaded without its model, with its :class:`TokenizerInfo`."""
+
+    tokenizer: PreTrainedTokenizerBase
+    info: TokenizerInfo
+
+
+def tokenizer_identity(tok: PreTrainedTokenizerBase, vocab_size: int) -> dict[str, Any]:
+    """Content identity of ``tok`` for a model with ``vocab_size`` embedding rows.
+
+    ``sha256`` is the SHA-256 of the canonical JSON (sorted keys) of
+
+    * fast tokenizers: the backend tokenizer's serialisation (``backend_tokenizer.to_str()``:
+      vocabulary, merges, normaliser, pre-tokeniser, post-processor, decoder, added tokens)
+      without its call-time truncation and padding state;
+    * other (Python / SentencePiece) tokenizers: the vocabulary (``get_vocab()`` in id order),
+      the SHA-256 of each file named in ``vocab_files_names`` (vocab, merges, SentencePiece
+      model) that exists, and the SentencePiece model proto when there is one;
+
+    plus the special tokens map and ``vocab_size`` (the counts arrays have one entry per
+    embedding row, so a padded vocabulary counts apart). Where the files lie, the tokenizer's
+    class and the model's weights are not part of it. Returns ``{"sha256", "vocab_size",
+    "class"}``.
+    """
+    payload: dict[str, Any] = {
+        "format": TOKENIZER_IDENTITY_FORMAT,
+        "vocab_size": int(vocab_size),
+        "special_tokens": json.loads(json.dumps(tok.special_tokens_map, default=str)),
+    }
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        for name in _TOKENIZER_STATE_KEYS:
+            state.pop(name, None)
+        payload["backend"] = state
+    else:
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+        payload["vocab"] = [[t, int(i)] for t, i in vocab]
+        files: dict[str, str] = {}
+        for attr in sorted(getattr(tok, "vocab_files_names", None) or {}):
+            path = getattr(tok, attr, None)
+            if isinstance(path, str | Path) and Path(path).is_file():
+                files[attr] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        payload["files"] = files
+        proto = getattr(getattr(tok, "sp_model", None), "serialized_model_proto", None)
+        if callable(proto):
+            payload["sentencepiece"] = hashlib.sha256(proto()).hexdigest()
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return {
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "vocab_size": int(vocab_size),
+        "class": type(tok).__name__,
+    }
+
+
+def model_dims(adapter: ModelAdapter) -> dict[str, int]:
+    """``d_model``, ``d_mlp``, ``n_layers``, ``n_heads``, ``vocab_size`` (embedding rows) and
+    ``n_params`` (distinct parameters, tied weights once) of an adapted model."""
+    d = adapter.dims
+    n_params = sum(int(p.numel()) for p in adapter.model.parameters())
+    return {"d_model": d.d_model, "d_mlp": d.d_mlp, "n_layers": d.n_layers,
+            "n_heads": d.n_heads, "vocab_size": d.vocab_size, "n_params": n_params}  # fmt: skip
+
+
+def _meta_sizes(config: Any, source: str) -> tuple[dict[str, int], int | None] | None:
+    """:func:`model_dims` and the context length of the architecture ``config`` describes,
+    built on the ``meta`` device (shapes only: no memory, no weights read); ``None`` (logged)
+    when it cannot be built that way."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        adapter = adapter_for(model)
+        return model_dims(adapter), adapter.dims.max_positions
+    except RareTokenError:
+        raise
+    except Exception as exc:
+        log.warning("sizes of %r not read from its config (%s); read when the model loads",
+                    source, _one_line(exc))  # fmt: skip
+        return None
+
+
+def load_tokenizer(spec: ModelSpec) -> LoadedTokenizer:
+    """Load the tokenizer of ``spec`` and the sizes its config gives, without the weights.
+
+    The same sources as :func:`load_model` (a GGUF file's tokenizer comes from the file), the
+    same refusals of an unsupported architecture or a tokenizer that does not fit the model's
+    embedding rows; the sizes come from the architecture built on the ``meta`` device.
+
+    Raises
+    ------
+    ModelLoadError
+        Missing path, offline or unknown hub repository, unreadable files, or a config that
+        does not say the vocabulary size.
+    UnsupportedArchitectureError
+        A model type without adapter.
+    TokenizerMismatchError
+        A tokenizer that does not fit the model's vocabulary.
+    """
+    src = resolve_source(spec)
+    kwargs = _load_kwargs(spec, src)
+    if src.kind in ("gguf", "embedded") and src.path is not None:
+        check_gguf(src.path)
+    log.info("loading the tokenizer of %r (%s)", spec.source, src.kind)
+    config = _attempt(spec, "config", AutoConfig.from_pretrained, src.location, **kwargs)
+    check_model_type(getattr(config, "model_type", None))
+    tokenizer = _attempt(spec, "tokenizer", AutoTokenizer.from_pretrained, src.location, **kwargs)
+    sizes = _meta_sizes(config, spec.source)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dims: dict[str, int] | None = None
+    if sizes is not None:
+        dims, max_positions = sizes
+        vocab: Any = dims["vocab_size"]
+    else:
+        mp = getattr(text_config, "max_position_embeddings", None)
+        max_positions = None if mp is None else int(mp)
+        vocab = getattr(text_config, "vocab_size", None)
+        if vocab is None:
+            raise ModelLoadError(f"the config of {spec.source!r} does not say its vocabulary size")
+    _check_vocab_fits(tokenizer, int(vocab))
+    info = TokenizerInfo(tokenizer_identity(tokenizer, int(vocab)), dims, max_positions)
+    return LoadedTokenizer(tokenizer=tokenizer, info=info)

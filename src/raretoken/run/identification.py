@@ -140,7 +140,13 @@ def identify(
     t = time.perf_counter()
     counts, strings = st.token_counts()
     split = split_rare_common(counts, percentile=cfg.percentile)
-    timed("token_statistics", t, key=st.counts_key(), n_tokens=counts.n_tokens)
+    timed(
+        "token_statistics",
+        t,
+        key=st.counts_key(),
+        n_tokens=counts.n_tokens,
+        cached=st.cached["token_statistics"],
+    )
 
     checkpoint("sampling")
     t = time.perf_counter()
@@ -159,6 +165,7 @@ def identify(
         "sampling",
         t,
         key=sample_key,
+        cached=st.cached["sampling"],
         n_windows=sample.n_windows,
         n_rare_positions=len(rare_pos),
         n_common_positions=len(common_pos),
@@ -275,6 +282,10 @@ def identify(
         info={
             "identity": {
                 "model": st.model_id,
+                # token statistics and windows are keyed by the tokenizer's content: runs with
+                # the same sha256 (and corpus and settings) scored the same positions
+                "tokenizer": st.tokenizer_info.tokenizer,
+                "dims": st.dims,
                 "corpus": st.context_corpus_id,
                 "freq_corpus": st.freq_corpus_id,
                 "heldout_split": st.heldout_description,

@@ -1,13 +1,21 @@
 """The cached stages of an identification run.
 
 Each stage computes one expensive intermediate, keyed by everything that changes it (see
-:mod:`.cache`); the model and tokenizer are loaded only when a stage misses the cache, so a
-rerun of a finished run touches neither.
+:mod:`raretoken.storage.cache`); the model and tokenizer are loaded only when a stage misses
+the cache, so a rerun of a finished run touches neither.
+
+Token statistics and context windows depend on the tokenizer and the corpus, not on the
+weights: their keys hold the tokenizer's content (:func:`~raretoken.models.loading.
+tokenizer_identity`) instead of the model's identity, and they are computed with the tokenizer
+alone (:func:`~raretoken.models.loading.load_tokenizer`). All checkpoints and sizes sharing a
+tokenizer therefore count once and score the same positions; everything from the forward
+passes on is keyed by the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -18,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..ablation.capture import Capture, capture_sample
 from ..ablation.exact import delta_loss_exact
@@ -27,17 +37,28 @@ from ..ablation.inputs import AblationInputs, inputs_from_adapter
 from ..ablation.naive import delta_loss_recompute
 from ..data.corpus import CorpusSpec, Document, corpus_identity, iter_documents, require_nonempty
 from ..data.heldout import PASSAGE_CHARS, heldout_description, select_documents, split_passages
-from ..data.sampling import ContextSample, sample_until_rare, sample_windows
+from ..data.sampling import (
+    ContextSample,
+    check_window_settings,
+    sample_until_rare,
+    sample_windows,
+)
 from ..data.scoring import score_rare_and_sample
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
+from ..errors import TokenizerMismatchError
 from ..models.adapters import ModelAdapter
 from ..models.loading import (
     LoadedModel,
+    LoadedTokenizer,
     ModelSpec,
+    TokenizerInfo,
     check_gguf,
     embedded_model_identity,
     load_model,
+    load_tokenizer,
+    model_dims,
     resolve_source,
+    tokenizer_identity,
 )
 from ..stats.covariates import NeuronCovariates, neuron_covariates
 from ..storage import ArrayCache, cache_key, default_cache_dir, ensure_writable_dir
@@ -47,6 +68,8 @@ log = logging.getLogger(__name__)
 
 #: Version of the covariates stage's output (part of its cache key).
 COVARIATES_VERSION = 1
+#: Version of the tokenizer-info entry (part of its cache key).
+TOKENIZER_INFO_VERSION = 1
 
 DTYPES = {
     "float32": torch.float32,
@@ -112,7 +135,10 @@ class Stages:
     timings: dict[str, float] = field(default_factory=dict)
     #: Positions per chunk of the ablation stage (default :data:`CHUNK_POSITIONS`).
     chunk_positions: int | None = None
+    #: Whether ``"token_statistics"`` / ``"sampling"`` were read from the cache.
+    cached: dict[str, bool] = field(default_factory=dict)
     _loaded: LoadedModel | None = None
+    _tokenizer_only: LoadedTokenizer | None = None
 
     # ----------------------------------------------------------------- identities
     @cached_property
@@ -158,12 +184,65 @@ class Stages:
             return None
         return {"fraction": self.cfg.heldout_fraction, "passage_chars": PASSAGE_CHARS}
 
+    @cached_property
+    def tokenizer_info(self) -> TokenizerInfo:
+        """The tokenizer's identity and the model's sizes, read without the weights; kept in
+        the cache under the model's identity, so a rerun loads no tokenizer to key its stages."""
+        key = cache_key(
+            "tokenizer",
+            {
+                "model": self.model_id,
+                "transformers": transformers.__version__,
+                "tokenizers": importlib.metadata.version("tokenizers"),
+                "version": TOKENIZER_INFO_VERSION,
+            },
+        )
+        hit = self.cache.load_json("tokenizer", key)
+        if hit is not None:
+            return TokenizerInfo.from_dict(hit)
+        info = self._load_tokenizer().info
+        self.cache.save_json("tokenizer", key, info.to_dict())
+        return info
+
+    def _load_tokenizer(self) -> LoadedTokenizer:
+        if self._tokenizer_only is None:
+            self._tokenizer_only = load_tokenizer(model_spec(self.cfg))
+        return self._tokenizer_only
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: the loaded model's, else loaded alone (no weights read)."""
+        if self._loaded is not None:
+            return self._loaded.tokenizer
+        return self._load_tokenizer().tokenizer
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """The model's sizes (:func:`~raretoken.models.loading.model_dims`), from its config
+        when it could be built there, else from the loaded model."""
+        info = self.tokenizer_info
+        return dict(info.dims) if info.dims is not None else model_dims(self.loaded.adapter)
+
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
             log.info("loading model %s", self.cfg.model)
-            self._loaded = load_model(model_spec(self.cfg))
+            lm = load_model(model_spec(self.cfg))
+            self._check_tokenizer_key(lm)
+            self._loaded = lm
         return self._loaded
+
+    def _check_tokenizer_key(self, lm: LoadedModel) -> None:
+        """Refuse a model whose tokenizer is not the one that keyed its counts and windows."""
+        info = self.tokenizer_info
+        ident = tokenizer_identity(lm.tokenizer, lm.adapter.dims.vocab_size)
+        if ident["sha256"] != info.tokenizer["sha256"]:
+            raise TokenizerMismatchError(
+                f"the tokenizer of {self.cfg.model!r} (sha256 {ident['sha256'][:12]}, "
+                f"{ident['vocab_size']} rows) is not the one its token statistics were keyed by "
+                f"({info.tokenizer['sha256'][:12]}, {info.vocab_size} rows); its files changed "
+                "in place: rerun with --no-cache or another --cache-dir"
+            )
 
     # ----------------------------------------------------------------- documents
     def _docs(self, which: str) -> Iterator[Document]:
@@ -185,7 +264,7 @@ class Stages:
         return cache_key(
             "counts",
             {
-                "tokenizer": self.model_id,
+                "tokenizer": self.tokenizer_info.key,
                 "corpus": self.freq_corpus_id,
                 "shared_split": self._split_key,
                 "max_tokens": self.cfg.max_count_tokens,
@@ -196,18 +275,19 @@ class Stages:
         """Unigram counts and the token strings of the vocabulary."""
         key = self.counts_key()
         hit = self.cache.load("counts", key)
+        self.cached["token_statistics"] = hit is not None
         if hit is None:
-            lm = self.loaded
-            vocab = lm.adapter.dims.vocab_size
+            tok = self.tokenizer
+            vocab = self.tokenizer_info.vocab_size
             counts = count_tokens(
                 self._docs("freq"),
-                lm.tokenizer,
+                tok,
                 vocab_size=vocab,
                 progress=self.progress,
                 max_tokens=self.cfg.max_count_tokens,
             )
             strings = np.asarray(
-                [str(s) for s in lm.tokenizer.convert_ids_to_tokens(list(range(vocab)))],
+                [str(s) for s in tok.convert_ids_to_tokens(list(range(vocab)))],
                 dtype=np.str_,
             )
             hit = dict(counts.to_arrays(), token_strings=strings)
@@ -218,7 +298,7 @@ class Stages:
     def _sample_key(self, kind: str, split: FrequencySplit | None) -> str:
         cfg = self.cfg
         parts: dict[str, Any] = {
-            "tokenizer": self.model_id,
+            "tokenizer": self.tokenizer_info.key,
             "corpus": self.context_corpus_id,
             "shared_split": self._split_key,
             "window_len": cfg.window_len,
@@ -280,41 +360,45 @@ class Stages:
         cfg = self.cfg
         main_key = self._sample_key("main", split)
         ref_key = self._sample_key("reference", split) + main_key[:8]
+        max_context = self.tokenizer_info.max_positions
+        # the windows are shared by every model with this tokenizer: check this model's context
+        check_window_settings(window_len=cfg.window_len, bos_policy=cfg.bos,
+                              max_context=max_context, max_tokens=cfg.max_stream_tokens)  # fmt: skip
         main_hit = self.cache.load("sample", main_key)
         if main_hit is not None:
             main = ContextSample.from_arrays(main_hit)
         else:
-            lm = self.loaded
             common: dict[str, Any] = {
                 "window_len": cfg.window_len,
                 "bos_policy": cfg.bos,
                 "seed": cfg.seed,
-                "max_context": lm.adapter.dims.max_positions,
+                "max_context": max_context,
                 "max_tokens": cfg.max_stream_tokens,
                 "progress": self.progress,
             }
             if cfg.sampling == "windows":
                 main = sample_windows(
-                    self._docs("context"), lm.tokenizer, n_windows=cfg.n_windows, **common
+                    self._docs("context"), self.tokenizer, n_windows=cfg.n_windows, **common
                 )
             else:
                 main = sample_until_rare(
-                    self._docs("context"), lm.tokenizer, split=split, n_rare=cfg.n_rare, **common
-                )
+                    self._docs("context"), self.tokenizer, split=split, n_rare=cfg.n_rare,
+                    **common,
+                )  # fmt: skip
             self.cache.save("sample", main_key, main.to_arrays())
         ref_hit = self.cache.load("sample", ref_key)
+        self.cached["sampling"] = main_hit is not None and ref_hit is not None
         if ref_hit is not None:
             ref = ContextSample.from_arrays(ref_hit)
         else:
-            lm = self.loaded
             ref = sample_windows(
                 self._docs("context"),
-                lm.tokenizer,
+                self.tokenizer,
                 n_windows=cfg.reference_windows,
                 window_len=cfg.window_len,
                 bos_policy=cfg.bos,  # type: ignore[arg-type]
                 seed=cfg.seed + 1,
-                max_context=lm.adapter.dims.max_positions,
+                max_context=max_context,
                 max_tokens=cfg.max_stream_tokens,
                 exclude_offsets_of=main,
                 progress=self.progress,
