@@ -60,7 +60,8 @@ def test_adapter_for_picks_family(any_family: str) -> None:
 
 def test_supported_model_types() -> None:
     assert set(SUPPORTED_MODEL_TYPES) == {
-        "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "olmo", "qwen3", "phi3"
+        "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "olmo", "qwen3", "phi3",
+        "gemma2", "gemma3", "gemma3_text", "olmo2",
     }  # fmt: skip
 
 

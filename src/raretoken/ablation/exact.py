@@ -4,6 +4,8 @@
 This is the closed-form elementwise method: exact, but it touches ``vocab`` numbers per pair, so
 it is only a few times faster than recomputing the norm and unembedding. It is the reference
 for tests and the fallback of :mod:`.fast` wherever the fast method's error bound is loose.
+Families with a post-MLP norm or soft-capped logits use the general closed form of
+:mod:`.postnorm` (dispatched by :func:`delta_loss_exact`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .inputs import AblationInputs, logits_of
+from .postnorm import delta_loss_exact_general
 from .scales import ablation_scalars, logit_offset, neuron_directions
 
 
@@ -48,7 +51,13 @@ def delta_loss_exact(
     *,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """``(n_positions, n_selected)`` exact signed loss changes ``L̃ - L`` in float64."""
+    """``(n_positions, n_selected)`` exact signed loss changes ``L̃ - L`` in float64.
+
+    Inputs with a post-MLP norm or soft-capped logits go to
+    :func:`raretoken.ablation.postnorm.delta_loss_exact_general` (same steps over positions).
+    """
+    if not inputs.is_affine:
+        return delta_loss_exact_general(inputs, neurons, chunk_elements=chunk_elements)
     wp, u_all = neuron_directions(inputs)
     idx = torch.arange(inputs.n_neurons) if neurons is None else neurons
     c = logit_offset(inputs)

@@ -120,7 +120,19 @@ def delta_loss_fast(
     Returns
     -------
     ``((n_positions, n_neurons) float32 tensor on CPU, FastStats)``
+
+    Inputs with a post-MLP norm or soft-capped logits (Gemma 2/3, OLMo 2) go to
+    :func:`raretoken.ablation.postnorm_fast.delta_loss_fast_general` (same parameters and
+    steps over positions).
     """
+    if not inputs.is_affine:
+        from .postnorm_fast import delta_loss_fast_general  # imports FastStats from here
+
+        return delta_loss_fast_general(
+            inputs, tol=tol, head_size=head_size, chunk_positions=chunk_positions,
+            neuron_block=neuron_block, memory_budget_bytes=memory_budget_bytes,
+            progress=progress, high_order_dtype=high_order_dtype,
+        )  # fmt: skip
     inputs.validate()
     wp = centered(inputs.w_out, inputs.norm)
     offset = logit_offset(inputs)

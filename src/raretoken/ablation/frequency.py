@@ -46,6 +46,11 @@ second exact pass, and blocks whose exponents could overflow take ``logsumexp``.
 SmolLM2-135M the result is within ~3e-6 nats of the float64 one (the package's exact method in
 float32: ~1.4e-5).
 
+Families with a post-MLP norm (Gemma 2/3, OLMo 2) or soft-capped logits (Gemma 2): ``g`` is the
+change of the model's final logits from :mod:`.postnorm`'s closed form (``A h + C q + B u``,
+then the soft-capping), ``s = g·f``, and both sums are taken over the vocabulary in two exact
+passes (:func:`raretoken.ablation.postnorm_group.frequency_effects_general`).
+
 Mediated fraction (:func:`mediated_fraction`)
 ---------------------------------------------
 ``1 - mean_t |Δ_held| / mean_t |Δ|`` over the positions ``t``: Stolfo et al.'s
@@ -69,6 +74,7 @@ import torch
 from ..data.counting import TokenCounts
 from ..errors import ConfigError, InsufficientDataError, NumericalError
 from .inputs import AblationInputs, centered, logits_of
+from .postnorm_group import frequency_effects_general
 from .scales import ablation_scalars, logit_offset
 
 log = logging.getLogger(__name__)
@@ -324,6 +330,14 @@ def frequency_effects(
     vocab = int(inputs.w_u.shape[0])
     f64 = _check_direction(direction, vocab)
     idx = _check_neurons(neurons, inputs.n_neurons)
+    if not inputs.is_affine:  # post-MLP norm / soft-capped logits: exact two-pass form
+        total_g, held_g = frequency_effects_general(
+            inputs, f64, idx, neuron_block=neuron_block, chunk_elements=chunk_elements,
+            progress=progress,
+        )  # fmt: skip
+        if not (np.isfinite(total_g).all() and np.isfinite(held_g).all()):
+            raise NumericalError("non-finite loss changes (overflow in the ablated logits?)")
+        return FrequencyEffects(total=total_g, held=held_g, neuron_ids=idx)
     dev, dt = inputs.resid.device, inputs.resid.dtype
     f64 = f64.to(dev)
     f_max = float(f64.abs().max())

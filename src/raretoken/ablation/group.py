@@ -16,6 +16,11 @@ Cost per (group, position) pair: about ``vocab × (|G| + 3)`` multiply-adds and 
 exponentials, against ``vocab × d_model`` for recomputing the norm and the unembedding on the
 ablated residual (:func:`delta_loss_group_recompute`, the reference). The base logits and the
 logit directions of the neurons in use are computed once per chunk of positions / groups.
+
+Families with a post-MLP norm (Gemma 2/3, OLMo 2) or soft-capped logits (Gemma 2): the same
+joint ablation, exact, by :func:`raretoken.ablation.postnorm_group.delta_loss_group_general`
+(``δ = Σ δ_i w_i`` enters the post-MLP norm's scale through the same quadratic), to which both
+functions here dispatch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 from ..errors import ConfigError, InsufficientDataError
 from .inputs import AblationInputs, centered, inputs_from_adapter, logits_of
+from .postnorm_group import delta_loss_group_general, delta_loss_group_recompute_general
 from .scales import logit_offset
 
 if TYPE_CHECKING:
@@ -144,6 +150,11 @@ def delta_loss_group(
         raise ConfigError("chunk_positions and chunk_elements must be >= 1")
     grp = check_groups(groups, inputs.n_neurons)
     ids_all, mask_all = _padded(grp)
+    if not inputs.is_affine:  # post-MLP norm / soft-capped logits: exact, see .postnorm_group
+        return delta_loss_group_general(
+            inputs, ids_all, mask_all, chunk_positions=chunk_positions,
+            chunk_elements=chunk_elements, neuron_budget_bytes=neuron_budget_bytes,
+        )  # fmt: skip
     n_groups, k = ids_all.shape
     vocab = int(inputs.w_u.shape[0])
     out = torch.empty(inputs.n_positions, n_groups, dtype=torch.float64)
@@ -253,6 +264,8 @@ def delta_loss_group_recompute(
     group and position)."""
     inputs.validate()
     grp = check_groups(groups, inputs.n_neurons)
+    if not inputs.is_affine:
+        return delta_loss_group_recompute_general(inputs, grp, chunk_positions=chunk_positions)
     out = torch.empty(inputs.n_positions, len(grp), dtype=torch.float64)
     for start in range(0, inputs.n_positions, chunk_positions):
         sl = slice(start, min(inputs.n_positions, start + chunk_positions))

@@ -16,6 +16,7 @@ from torch import nn
 from ..models.adapters import ModelAdapter
 from ..models.hooks import replace_input
 from .inputs import AblationInputs, logits_of
+from .postnorm import delta_loss_recompute_general
 
 
 def _ce(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,11 @@ def _ce(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def delta_loss_recompute(
     inputs: AblationInputs, neurons: Sequence[int] | torch.Tensor, *, chunk_positions: int = 512
 ) -> torch.Tensor:
-    """``(n_positions, len(neurons))`` signed ``L̃ - L`` by recomputing norm + unembedding."""
+    """``(n_positions, len(neurons))`` signed ``L̃ - L`` by recomputing norm + unembedding
+    (and, where the family has them, the post-MLP norm and the soft-capping:
+    :func:`raretoken.ablation.postnorm.delta_loss_recompute_general`)."""
+    if not inputs.is_affine:
+        return delta_loss_recompute_general(inputs, neurons, chunk_positions=chunk_positions)
     idx = [int(i) for i in neurons]
     out = torch.empty(inputs.n_positions, len(idx), dtype=torch.float64)
     for start in range(0, inputs.n_positions, chunk_positions):

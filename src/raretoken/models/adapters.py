@@ -14,6 +14,14 @@ projection**:
 * Phi-3 (``phi3``): ``model.layers[l].mlp.down_proj`` input, ``act(gate x) * up x`` where
   ``gate`` / ``up`` are the first / second half of the fused ``gate_up_proj``; attention has a
   fused ``qkv_proj``.
+* Gemma 2 / Gemma 3 (``gemma2``, ``gemma3_text``; ``gemma3`` is the multimodal model whose
+  decoder is ``model.language_model``) and OLMo 2 (``olmo2``): ``mlp.down_proj`` input as for
+  Llama, but the MLP output passes through a *post-MLP norm* (``post_feedforward_layernorm``)
+  before it joins the residual stream, so a final-layer neuron no longer moves the final
+  residual linearly (:meth:`ModelAdapter.post_mlp_norm`; the ablation handles it exactly, see
+  :mod:`raretoken.ablation.postnorm`). Gemma's RMSNorms multiply by ``1 + w``
+  (:attr:`NormSpec.unit_offset`), its embeddings are scaled by ``sqrt(d_model)`` inside the
+  embedding module, and Gemma 2 soft-caps its logits (:attr:`ModelAdapter.logit_softcap`).
 
 The family classes are defined in :mod:`raretoken.models.families` and re-exported here.
 
@@ -22,9 +30,8 @@ TransformerLens / pyvene were chosen over attribute guessing so that an unsuppor
 loudly (:class:`~raretoken.errors.UnsupportedArchitectureError`) instead of silently reading the
 wrong tensor.
 
-Families deliberately left out: Gemma (``(1 + w)`` RMSNorm and embeddings scaled by
-``sqrt(d_model)``), OLMo-2 (norms after attention/MLP and on q/k) and anything else whose module
-layout differs from the families above.
+Families deliberately left out: Gemma 1 (not verified; its pieces are those of Gemma 2 without
+the extra norms) and anything else whose module layout differs from the families above.
 """
 
 from __future__ import annotations
@@ -43,11 +50,15 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "GPT2Adapter",
+    "Gemma2Adapter",
+    "Gemma3Adapter",
+    "Gemma3TextAdapter",
     "LlamaAdapter",
     "ModelAdapter",
     "ModelDims",
     "NeoXAdapter",
     "NormSpec",
+    "Olmo2Adapter",
     "Phi3Adapter",
     "Qwen3Adapter",
     "adapter_for",
@@ -58,11 +69,8 @@ NormKind = Literal["layernorm", "rmsnorm"]
 
 # Model types that are known and refused on purpose, with the reason shown to the user.
 _REFUSED: dict[str, str] = {
-    "gemma": "Gemma uses (1 + w) RMSNorm weights and sqrt(d_model)-scaled embeddings",
-    "gemma2": "Gemma-2 uses (1 + w) RMSNorm weights, extra norms and logit soft-capping",
-    "gemma3": "Gemma-3 uses (1 + w) RMSNorm weights and extra norms",
-    "gemma3_text": "Gemma-3 uses (1 + w) RMSNorm weights and extra norms",
-    "olmo2": "OLMo-2 places its norms after attention/MLP and normalises q/k",
+    "gemma": "Gemma 1 has not been verified: its (1 + w) RMSNorm is supported for Gemma 2 and 3, "
+    "use those",
 }
 
 
@@ -117,12 +125,18 @@ class NormSpec:
     ``layernorm``: ``(x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` (biased variance).
     ``rmsnorm``: ``x / sqrt(mean(x**2) + eps) * weight`` (``bias`` is ``None``).
     A non-parametric norm (OLMo) is represented with ``weight`` = ones and ``bias`` = ``None``.
+
+    ``weight`` is always the gain the norm multiplies by. Gemma's RMSNorm stores a parameter
+    ``w`` and multiplies by ``1 + w``: its spec holds ``weight = 1 + w`` (computed in at least
+    float32, as transformers does) and ``unit_offset = True`` records that the model's
+    parameter is ``weight - 1``.
     """
 
     kind: NormKind
     weight: torch.Tensor
     bias: torch.Tensor | None
     eps: float
+    unit_offset: bool = False
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the norm over the last axis of ``x``; the result has ``x``'s dtype.
@@ -220,6 +234,9 @@ class ModelAdapter(ABC):
     conv1d_weights: ClassVar[bool] = False
     """Whether projection weights are stored ``(in, out)`` (GPT-2 ``Conv1D``) rather than
     ``(out, in)`` (``nn.Linear``)."""
+    post_mlp_norm_name: ClassVar[str | None] = None
+    """The norm inside a block applied to the MLP output before it is added to the residual
+    stream (Gemma 2/3 and OLMo 2: ``post_feedforward_layernorm``), if any."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -335,10 +352,47 @@ class ModelAdapter(ABC):
         return weight.T if self.conv1d_weights else weight
 
     def final_norm(self) -> NormSpec:
-        norm = self.final_norm_module()
+        """The final norm as a :class:`NormSpec`."""
+        return self._norm_spec(self.final_norm_module(), "final norm")
+
+    def post_mlp_norm_module(self, layer: int) -> nn.Module | None:
+        """The post-MLP norm module of block ``layer`` (``None`` for families without one)."""
+        if self.post_mlp_norm_name is None:
+            return None
+        return _module(self._block(layer), self.post_mlp_norm_name)
+
+    def post_mlp_norm(self, layer: int) -> NormSpec | None:
+        """The post-MLP norm of block ``layer`` as a :class:`NormSpec` (``None``: the MLP output
+        joins the residual stream directly).
+
+        Raises
+        ------
+        UnsupportedArchitectureError
+            A norm of an unexpected kind, or whose weight is missing or not ``(d_model,)``.
+        """
+        norm = self.post_mlp_norm_module(layer)
+        if norm is None:
+            return None
+        what = f"layer {self.layer_index(layer)} {self.post_mlp_norm_name}"
+        spec = self._norm_spec(norm, what)
+        d_model = self._config_sizes().d_model
+        if tuple(spec.weight.shape) != (d_model,):
+            raise self._layout_error(
+                f"{what} has weight shape {tuple(spec.weight.shape)}, expected (d_model,) = "
+                f"({d_model},)"
+            )
+        return spec
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """``c`` of the final-logit soft-capping ``z -> c tanh(z / c)``, or ``None``."""
+        return None
+
+    def _norm_spec(self, norm: nn.Module, what: str) -> NormSpec:
+        """Read a LayerNorm / RMSNorm module (``what`` names it in errors)."""
         if isinstance(norm, nn.LayerNorm):
             if norm.weight is None:
-                raise UnsupportedArchitectureError("final LayerNorm without affine weight")
+                raise self._layout_error(f"{what} is a LayerNorm without affine weight")
             bias = None if norm.bias is None else norm.bias.detach()
             return NormSpec("layernorm", norm.weight.detach(), bias, float(norm.eps))
         eps = getattr(norm, "variance_epsilon", None)
@@ -351,7 +405,7 @@ class ModelAdapter(ABC):
             w_u = self.unembedding()[0]
             ones = torch.ones(d_model, dtype=w_u.dtype, device=w_u.device)
             return NormSpec("layernorm", ones, None, 1e-5)
-        raise UnsupportedArchitectureError(f"unsupported final norm {type(norm).__name__}")
+        raise self._layout_error(f"{what} is an unsupported norm ({type(norm).__name__})")
 
     def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W_U`` ``(vocab, d_model)`` and ``b_U`` ``(vocab,)`` or ``None``."""
@@ -368,17 +422,25 @@ class ModelAdapter(ABC):
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of final hidden states (the LM head; a family that post-processes its logits,
-        e.g. soft-capping, overrides this)."""
+        """Logits of final hidden states: the LM head, then the soft-capping
+        ``c tanh(z / c)`` of :attr:`logit_softcap` where the family has one."""
         head = self.model.get_output_embeddings()
-        return head(hidden)
+        logits = head(hidden)
+        cap = self.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 # The family classes live in families.py (they import the base class above); re-exported here.
 from .families import (  # noqa: E402
+    Gemma2Adapter,
+    Gemma3Adapter,
+    Gemma3TextAdapter,
     GPT2Adapter,
     LlamaAdapter,
     NeoXAdapter,
+    Olmo2Adapter,
     Phi3Adapter,
     Qwen3Adapter,
 )
@@ -389,6 +451,10 @@ _ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlamaAdapter,
     Qwen3Adapter,
     Phi3Adapter,
+    Gemma2Adapter,
+    Gemma3TextAdapter,
+    Gemma3Adapter,
+    Olmo2Adapter,
 )
 _BY_MODEL_TYPE: dict[str, type[ModelAdapter]] = {
     mt: cls for cls in _ADAPTERS for mt in cls.model_types

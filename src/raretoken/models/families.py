@@ -17,17 +17,42 @@ line naming the model type and what differs:
   ``mlp.gate_up_proj`` holds the gate rows then the up rows (transformers' ``Phi3MLP``:
   ``gate, up = gate_up_proj(x).chunk(2, dim=-1)``; ``n = act(gate) * up``), and
   ``self_attn.qkv_proj`` holds the query rows, then the key rows, then the value rows.
+* Gemma 2 (``gemma2``), Gemma 3 (``gemma3_text``; ``gemma3``: the multimodal model, whose text
+  decoder is ``model.language_model`` and whose sizes are in ``config.text_config``): the Llama
+  layout with four RMSNorms per block (``input_layernorm``, ``post_attention_layernorm``,
+  ``pre_feedforward_layernorm``, ``post_feedforward_layernorm``), each multiplying by
+  ``1 + w``; Gemma 3 adds q/k norms over the head dimension. Gemma 2's ``Gemma2ForCausalLM``
+  (and ``Gemma3ForCausalLM`` when its config sets one) soft-caps the logits with
+  ``final_logit_softcapping``; ``Gemma3ForConditionalGeneration`` never does. The sliding-window
+  layers, the attention-score soft-capping and the ``sqrt(d_model)`` embedding scale live
+  inside the modules and the model's own forward, which the analyses always go through.
+* OLMo 2 (``olmo2``): the Llama layout without input norms; ``post_attention_layernorm`` and
+  ``post_feedforward_layernorm`` normalise the attention and MLP outputs, and ``q_norm`` /
+  ``k_norm`` normalise the whole query / key projections (``n_heads * head_dim`` and
+  ``n_kv_heads * head_dim`` wide), not each head.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from .adapters import ModelAdapter, _ConfigSizes, _max_positions, _module
+from .adapters import ModelAdapter, NormSpec, _ConfigSizes, _max_positions, _module
 
-__all__ = ["GPT2Adapter", "LlamaAdapter", "NeoXAdapter", "Phi3Adapter", "Qwen3Adapter"]
+__all__ = [
+    "GPT2Adapter",
+    "Gemma2Adapter",
+    "Gemma3Adapter",
+    "Gemma3TextAdapter",
+    "LlamaAdapter",
+    "NeoXAdapter",
+    "Olmo2Adapter",
+    "Phi3Adapter",
+    "Qwen3Adapter",
+]
 
 
 def _gqa_config_sizes(cfg: Any) -> _ConfigSizes:
@@ -194,3 +219,151 @@ class Phi3Adapter(LlamaAdapter):
                 layer, f"self_attn.{self.attn_out_name}", _module(attn, self.attn_out_name),
                 (dims.d_model, dims.n_heads * dims.head_dim),
             )  # fmt: skip
+
+
+class _PostNormAdapter(LlamaAdapter):
+    """Llama layout plus the per-block norms of :attr:`block_norm_names` (one of them, the
+    post-MLP norm, after the MLP) and q/k norms of the widths :meth:`_qk_norm_widths` gives.
+
+    :meth:`check_layout` checks, in every block, that each norm exists, is of the family's kind
+    and has a ``(d_model,)`` weight, that the q/k norms have the expected widths, and that the
+    query / key / output projections have the config's widths.
+    """
+
+    block_norm_names: ClassVar[tuple[str, ...]]
+    post_mlp_norm_name = "post_feedforward_layernorm"
+
+    def _qk_norm_widths(self) -> dict[str, int]:
+        """Expected weight length of each q/k norm inside the attention module (none here)."""
+        return {}
+
+    def check_layout(self) -> None:
+        dims = self.dims
+        self.final_norm()  # the final norm is of the family's kind
+        want = {
+            "q_proj": (dims.n_heads * dims.head_dim, dims.d_model),
+            "k_proj": (dims.n_kv_heads * dims.head_dim, dims.d_model),
+            "o_proj": (dims.d_model, dims.n_heads * dims.head_dim),
+        }
+        for layer in range(dims.n_layers):
+            block = self._block(layer)
+            for name in self.block_norm_names:
+                norm = getattr(block, name, None)
+                if not isinstance(norm, nn.Module):
+                    raise self._layout_error(f"layer {layer} has no {name}")
+                spec = self._norm_spec(norm, f"layer {layer} {name}")
+                if tuple(spec.weight.shape) != (dims.d_model,):
+                    raise self._layout_error(
+                        f"layer {layer} {name} has weight shape {tuple(spec.weight.shape)}, "
+                        f"expected (d_model,) = ({dims.d_model},)"
+                    )
+            attn = self.attention(layer)
+            for name, width in self._qk_norm_widths().items():
+                weight = getattr(getattr(attn, name, None), "weight", None)
+                if not isinstance(weight, torch.Tensor):
+                    raise self._layout_error(f"layer {layer} attention has no {name} weight")
+                if tuple(weight.shape) != (width,):
+                    raise self._layout_error(
+                        f"layer {layer} self_attn.{name} has weight shape "
+                        f"{tuple(weight.shape)}, expected ({width},)"
+                    )
+            for name, shape in want.items():
+                self._check_shape(layer, f"self_attn.{name}", _module(attn, name), shape)
+
+
+_GEMMA_NORM = re.compile(r"Gemma\d*RMSNorm")
+
+
+class Gemma2Adapter(_PostNormAdapter):
+    """Gemma 2: ``(1 + w)`` RMSNorms (four per block), post-MLP norm, logit soft-capping.
+
+    Every norm is read as a :class:`NormSpec` with ``weight = 1 + w`` (in float32 for
+    half-precision models, as transformers computes it) and ``unit_offset = True``; a norm
+    module of another class (a model whose config says Gemma but whose modules do not) is
+    refused.
+    """
+
+    family = "gemma2"
+    model_types: ClassVar[tuple[str, ...]] = ("gemma2",)
+    block_norm_names: ClassVar[tuple[str, ...]] = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
+
+    def _text_config(self) -> Any:
+        return self.model.config
+
+    def _config_sizes(self) -> _ConfigSizes:
+        return _gqa_config_sizes(self._text_config())
+
+    @property
+    def logit_softcap(self) -> float | None:
+        cap = getattr(self._text_config(), "final_logit_softcapping", None)
+        return None if cap is None else float(cap)
+
+    def _norm_spec(self, norm: nn.Module, what: str) -> NormSpec:
+        weight = getattr(norm, "weight", None)
+        eps = getattr(norm, "eps", None)
+        if not _GEMMA_NORM.fullmatch(type(norm).__name__) or eps is None:
+            raise self._layout_error(
+                f"{what} is a {type(norm).__name__}, expected a Gemma (1 + w) RMSNorm"
+            )
+        if not isinstance(weight, torch.Tensor):
+            raise self._layout_error(f"{what} has no weight")
+        w = weight.detach()
+        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return NormSpec("rmsnorm", w.to(work) + 1.0, None, float(eps), unit_offset=True)
+
+
+class Gemma3TextAdapter(Gemma2Adapter):
+    """Gemma 3 text-only models (``Gemma3ForCausalLM``, e.g. gemma-3-1b): Gemma 2's layout plus
+    ``q_norm`` / ``k_norm`` of ``head_dim`` entries; soft-capping only where the config sets it
+    (released Gemma 3 models do not)."""
+
+    family = "gemma3"
+    model_types: ClassVar[tuple[str, ...]] = ("gemma3_text",)
+
+    def _qk_norm_widths(self) -> dict[str, int]:
+        head_dim = self.dims.head_dim
+        return {"q_norm": head_dim, "k_norm": head_dim}
+
+
+class Gemma3Adapter(Gemma3TextAdapter):
+    """Gemma 3 multimodal models (``Gemma3ForConditionalGeneration``, model type ``gemma3``):
+    the text decoder is ``model.language_model``, its sizes are in ``config.text_config``. The
+    vision tower is never run (text-only inputs); the LM head does not soft-cap here."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("gemma3",)
+    base_path = "model.language_model"
+    layers_path = "model.language_model.layers"
+    final_norm_path = "model.language_model.norm"
+
+    def _text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return None  # Gemma3ForConditionalGeneration.forward applies no final soft-capping
+
+
+class Olmo2Adapter(_PostNormAdapter):
+    """OLMo 2: norms after attention and after the MLP (plain RMSNorms, ``weight`` gain) and
+    q/k norms over the whole projections (``n_heads * head_dim`` / ``n_kv_heads * head_dim``)."""
+
+    family = "olmo2"
+    model_types: ClassVar[tuple[str, ...]] = ("olmo2",)
+    block_norm_names: ClassVar[tuple[str, ...]] = (
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+    )
+
+    def _qk_norm_widths(self) -> dict[str, int]:
+        dims = self.dims
+        return {"q_norm": dims.n_heads * dims.head_dim, "k_norm": dims.n_kv_heads * dims.head_dim}
+
+    def _norm_spec(self, norm: nn.Module, what: str) -> NormSpec:
+        if _GEMMA_NORM.fullmatch(type(norm).__name__) or isinstance(norm, nn.LayerNorm):
+            raise self._layout_error(f"{what} is a {type(norm).__name__}, expected an RMSNorm")
+        return super()._norm_spec(norm, what)
