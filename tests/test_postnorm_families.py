@@ -565,3 +565,14 @@ def test_identify_runs_end_to_end(fam: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "neurons.parquet").exists()
     assert res.delta.shape[1] == D_MLP and np.isfinite(res.delta).all()
     assert float(np.abs(res.delta).max()) > 0
+    # the covariates take a neuron's output direction through the post-MLP norm's gain
+    from raretoken.models import ModelSpec, load_model
+
+    adapter = load_model(ModelSpec(source=str(model_dir), dtype="float32")).adapter
+    post = adapter.post_mlp_norm(-1)
+    assert post is not None
+    direction = (adapter.w_out(-1) * post.weight).detach().double().norm(dim=1).numpy()
+    norms = np.asarray(res.neurons.covariates.w_out_norm)
+    np.testing.assert_allclose(norms, direction, rtol=1e-5)
+    raw = adapter.w_out(-1).detach().double().norm(dim=1).numpy()
+    assert not np.allclose(norms, raw, rtol=1e-3)

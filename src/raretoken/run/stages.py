@@ -484,8 +484,14 @@ class Stages:
         n = min(c.size, log_freq.size)
         with np.errstate(divide="ignore"):
             log_freq[:n] = np.log(c[:n])
+        w_out = adapter.w_out(-1).detach()
+        post = adapter.post_mlp_norm(-1)
+        if post is not None:
+            # a norm after the MLP (Gemma 2/3, OLMo 2): neuron i reaches the residual as
+            # gamma_P * w_i times a per-position scale, so its direction is gamma_P * w_i
+            w_out = w_out * post.weight.detach().to(w_out.dtype)
         covs = neuron_covariates(
-            adapter.w_out(-1).detach(),
+            w_out,
             {k: v.detach() for k, v in adapter.mlp_in_weights(-1).items()},
             norm.weight.detach(),
             w_u,
