@@ -75,10 +75,19 @@ def _prepare_block(
     u = inputs.w_u @ proj
     median = u.mean(dim=0)  # any per-neuron constant works; the mean keeps |u'| small
     u = u - median[None, :]
+    return _NeuronBlock(idx, wp[idx], proj, median, u, *power_columns(u, low))
+
+
+def power_columns(
+    u: torch.Tensor, low: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a neuron block keeps of its centred logit directions ``u`` ``(V, Nb)``: ``u``
+    contiguous by neuron, ``u²``, ``u²``/``u³``/``u⁴`` in the high-order dtype ``low``, and the
+    largest ``|u|`` of each neuron (shared with :mod:`.postnorm_fast`)."""
     u2 = u * u
-    return _NeuronBlock(
-        idx, wp[idx], proj, median, u, u.T.contiguous(), u2, u2.to(low),
-        (u2 * u).to(low), (u2 * u2).to(low), torch.maximum(u.amax(0), -u.amin(0)),
+    return (
+        u.T.contiguous(), u2, u2.to(low), (u2 * u).to(low), (u2 * u2).to(low),
+        torch.maximum(u.amax(0), -u.amin(0)),
     )  # fmt: skip
 
 

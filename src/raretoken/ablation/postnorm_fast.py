@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from . import postnorm
-from .fast import FastStats
+from .fast import FastStats, power_columns
 from .inputs import AblationInputs
 from .postnorm import Positions, cap_change, directions, pair_scalars, positions
 from .postnorm_moments import TailMoments, bell5_bound, expansion_weights, tail_sums
@@ -74,11 +74,7 @@ def _block(
     u = inputs.w_u @ proj
     median = u.mean(dim=0) if centre else torch.zeros_like(u[0])
     u = u - median[None, :]
-    u2 = u * u
-    return _Block(
-        idx, proj, median, u, u.T.contiguous(), u2, u2.to(low), (u2 * u).to(low),
-        (u2 * u2).to(low), torch.maximum(u.amax(0), -u.amin(0)),
-    )  # fmt: skip
+    return _Block(idx, proj, median, u, *power_columns(u, low))
 
 
 def delta_loss_fast_general(
