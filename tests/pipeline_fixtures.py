@@ -45,3 +45,21 @@ def tiny_overrides(model_dir: Path, corpus: Path) -> dict[str, object]:
         "n_random_groups": 5,
         "batch_size": 4,
     }
+
+
+def sweep_text(models: list[str], extra: str = "", **settings: object) -> str:
+    """A sweep file: ``settings`` at the top level (JSON spelling of strings and numbers is
+    TOML spelling), ``[analysis]`` with routing off plus ``extra``, one ``[[models]]`` each."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["", "[analysis]", "routing = false", extra, ""]
+    for m in models:
+        lines += ["[[models]]", f"model = {json.dumps(m)}", ""]
+    return "\n".join(lines)
+
+
+def sweep_shared(root: Path) -> dict[str, object]:
+    """The tiny run settings of a sweep, with the corpus relative to the sweep file."""
+    opts = tiny_overrides(root / "model-llama", root / "corpus.jsonl")
+    del opts["model"]
+    opts["corpus"] = "corpus.jsonl"
+    return opts

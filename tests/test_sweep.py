@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import raretoken.sweep.tasks as sweep_tasks
-from pipeline_fixtures import tiny_overrides, tiny_setup
+from pipeline_fixtures import sweep_shared, sweep_text, tiny_overrides, tiny_setup
 from raretoken.cli import main
 from raretoken.errors import ConfigError
 from raretoken.run import AnalysisOptions, analyze, identify, make_config
@@ -29,33 +29,13 @@ from raretoken.sweep.tasks import is_done, task_log
 ANALYSIS = AnalysisOptions(routing=False)
 
 
-def _toml_value(v: object) -> str:
-    return json.dumps(v)  # strings and numbers: JSON spelling is TOML spelling
-
-
-def _sweep_text(models: list[str], extra: str = "", **settings: object) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
-    lines += ["", "[analysis]", "routing = false", extra, ""]
-    for m in models:
-        lines += ["[[models]]", f"model = {_toml_value(m)}", ""]
-    return "\n".join(lines)
-
-
-def _shared(root: Path) -> dict[str, Any]:
-    """The tiny run settings, with the corpus relative to the sweep file."""
-    opts = tiny_overrides(root / "model-llama", root / "corpus.jsonl")
-    del opts["model"]
-    opts["corpus"] = "corpus.jsonl"
-    return opts
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sweep")
     llama, corpus = tiny_setup(root, "llama")
     gpt2, _ = tiny_setup(root, "gpt2")
     sweep_file = root / "sweep.toml"
-    sweep_file.write_text(_sweep_text(["model-llama", "model-gpt2"], **_shared(root)))
+    sweep_file.write_text(sweep_text(["model-llama", "model-gpt2"], **sweep_shared(root)))
     spec = load_sweep(sweep_file)
     result = run_sweep(spec, root / "out", cache_dir=root / "cache")
     return {"root": root, "llama": llama, "gpt2": gpt2, "corpus": corpus, "file": sweep_file,
@@ -142,7 +122,7 @@ def test_failed_task_is_recorded_and_retried_alone(
     root: Path = setup["root"]
     missing = root / "later-model"
     sweep_file = root / "sweep-fail.toml"
-    sweep_file.write_text(_sweep_text(["model-llama", str(missing)], **_shared(root)))
+    sweep_file.write_text(sweep_text(["model-llama", str(missing)], **sweep_shared(root)))
     spec = load_sweep(sweep_file)
     out = root / "out-fail"
     res = run_sweep(spec, out, cache_dir=root / "cache")
@@ -292,7 +272,7 @@ def test_cli_sweep_with_a_failed_task_exits_1(
 ) -> None:
     root: Path = setup["root"]
     sweep_file = root / "sweep-cli-fail.toml"
-    sweep_file.write_text(_sweep_text(["model-llama", str(root / "absent")], **_shared(root)))
+    sweep_file.write_text(sweep_text(["model-llama", str(root / "absent")], **sweep_shared(root)))
     out = root / "out-cli-fail"
     argv = ["sweep", str(sweep_file), "--out", str(out), "--cache-dir", str(root / "cache"),
             "--no-progress"]  # fmt: skip

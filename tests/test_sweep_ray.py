@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_fixtures import tiny_overrides, tiny_setup
+from pipeline_fixtures import sweep_shared, sweep_text, tiny_setup
 from raretoken.cli import main
 from raretoken.errors import ConfigError
 from raretoken.sweep import SweepSpec, load_sweep, parse_sweep, run_sweep
@@ -24,22 +24,6 @@ from raretoken.sweep.records import TaskResult, iso, run_sharing, shared_work
 from raretoken.sweep.tasks import record_failure
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-
-
-def _sweep_text(models: list[str], extra: str = "", **settings: object) -> str:
-    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    lines += ["", "[analysis]", "routing = false", extra, ""]
-    for m in models:
-        lines += ["[[models]]", f"model = {json.dumps(m)}", ""]
-    return "\n".join(lines)
-
-
-def _shared(root: Path) -> dict[str, Any]:
-    """The tiny run settings, with the corpus relative to the sweep file."""
-    opts = tiny_overrides(root / "model-llama", root / "corpus.jsonl")
-    del opts["model"]
-    opts["corpus"] = "corpus.jsonl"
-    return opts
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -61,7 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cluster: RayExecutor) -> dic
     llama, _ = tiny_setup(root, "llama")
     gpt2, _ = tiny_setup(root, "gpt2")
     sweep_file = root / "sweep.toml"
-    sweep_file.write_text(_sweep_text(["model-llama", "model-gpt2"], **_shared(root)))
+    sweep_file.write_text(sweep_text(["model-llama", "model-gpt2"], **sweep_shared(root)))
     spec = load_sweep(sweep_file)
     local = run_sweep(spec, root / "out-local", cache_dir=root / "cache-local")
     remote = run_sweep(spec, root / "out-ray", executor="ray", max_parallel=2,
@@ -169,7 +153,7 @@ def test_failure_in_a_ray_task_is_recorded_and_the_rerun_reuses(setup: dict[str,
     root: Path = setup["root"]
     missing = root / "later-model"
     sweep_file = root / "sweep-fail.toml"
-    sweep_file.write_text(_sweep_text(["model-llama", str(missing)], **_shared(root)))
+    sweep_file.write_text(sweep_text(["model-llama", str(missing)], **sweep_shared(root)))
     spec = load_sweep(sweep_file)
     out = root / "out-ray-fail"
     res = run_sweep(spec, out, executor="ray", cache_dir=root / "cache-ray")
@@ -253,7 +237,7 @@ def test_cli_sweep_under_ray_with_a_flag_override(
 ) -> None:
     root: Path = setup["root"]
     one = root / "sweep-one.toml"
-    one.write_text(_sweep_text(["model-llama"], **_shared(root)))
+    one.write_text(sweep_text(["model-llama"], **sweep_shared(root)))
     out = root / "out-cli-ray"
     argv = ["sweep", str(one), "--out", str(out), "--executor", "ray", "--max-parallel", "1",
             "--cache-dir", str(root / "cache-ray"), "--no-progress", "--n-random-groups", "4"]  # fmt: skip
@@ -322,13 +306,15 @@ def test_a_directory_of_another_sweep_is_refused_without_overwrite(
     root: Path = setup["root"]
     out = root / "out-local"
     before = _manifest(out)
-    text = _sweep_text(["model-llama"], **{**_shared(root), "n_boot": 6})
+    text = sweep_text(["model-llama"], **{**sweep_shared(root), "n_boot": 6})
     (root / "other.toml").write_text(text)
     other = load_sweep(root / "other.toml")
     with pytest.raises(ConfigError, match="holds another sweep \\(its settings differ\\)"):
         run_sweep(other, out, cache_dir=root / "cache-local")
     assert _manifest(out) == before  # untouched
-    (root / "other2.toml").write_text(_sweep_text(["model-llama"], "tau = 0.9", **_shared(root)))
+    (root / "other2.toml").write_text(
+        sweep_text(["model-llama"], "tau = 0.9", **sweep_shared(root))
+    )
     with pytest.raises(ConfigError, match="its analysis differ"):
         run_sweep(load_sweep(root / "other2.toml"), out)
     argv = ["sweep", str(root / "other.toml"), "--out", str(out), "--no-progress"]
@@ -336,7 +322,7 @@ def test_a_directory_of_another_sweep_is_refused_without_overwrite(
     _one_line(capsys, "--overwrite")
     # the same sweep with a model fewer: the same sweep (reused)
     fewer = root / "fewer.toml"
-    fewer.write_text(_sweep_text(["model-llama"], **_shared(root)))
+    fewer.write_text(sweep_text(["model-llama"], **sweep_shared(root)))
     again = run_sweep(load_sweep(fewer), out, cache_dir=root / "cache-local")
     assert [t.status for t in again.tasks] == ["reused"]
     # overwrite: the other sweep runs there
