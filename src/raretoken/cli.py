@@ -206,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     ana.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_analysis_args(ana)
+    iv = sub.add_parser(
+        "intervene", help="scale a run's neuron group: rare/common loss against random groups"
+    )
+    iv.add_argument("run_dir", type=Path, help="directory written by `raretoken run`")
+    iv.add_argument("--factors", default="0,0.5,1.5,2", help="scale factors, comma-separated")
+    iv.add_argument(
+        "--neurons", help="final-layer neuron ids, comma-separated (default: the analyses' group)"
+    )
+    iv.add_argument("--n-random", type=int, default=20, help="random groups (default 20)")
+    iv.add_argument(
+        "--random", choices=("size", "matched"), default="size",
+        help="random groups matched on size, or also on weight norm and activation",
+    )  # fmt: skip
+    iv.add_argument(
+        "--null-space", choices=("spectrum", "frequent"), default="spectrum",
+        help="near-null space of the unembedding: its bottom singular directions (spectrum) or "
+        "the complement of the frequent tokens' directions (frequent, the authors' definition)",
+    )  # fmt: skip
+    iv.add_argument("--null-fraction", type=float, default=0.05,
+                    help="share of d_model in the null space (default 0.05)")  # fmt: skip
+    iv.add_argument("--seed", type=int, default=0, help="seed of the random groups")
+    iv.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/raretoken)")
+    iv.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sw = sub.add_parser("sweep", help="run identification + analyses for models x revisions")
     sw.add_argument("sweep_file", type=Path, help="sweep.toml: [[models]], revisions, settings")
     sw.add_argument("--out", type=Path, help="sweep directory (default raretoken-sweeps/<file>)")
@@ -323,6 +346,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    from .intervene import intervene, parse_factors, parse_neurons
+
+    intervene(
+        args.run_dir,
+        factors=parse_factors(args.factors),
+        neurons=None if args.neurons is None else parse_neurons(args.neurons),
+        n_random=args.n_random,
+        random=args.random,
+        null_space=args.null_space,
+        null_fraction=args.null_fraction,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write((args.run_dir / "interventions" / "interventions.md").read_text())
+    return 0
+
+
 def _write_run_report(run_dir: Path) -> None:
     from .report import write_run_report
 
@@ -392,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sweep_report(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "intervene":
+            return _cmd_intervene(args)
     except RareTokenError as exc:
         if args.debug:
             raise
