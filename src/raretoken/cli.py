@@ -198,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-analyses", action="store_true", help="identification only (no §4.2–4.5 analyses)"
     )
     _add_analysis_args(run)
+    run.add_argument(
+        "--layers",
+        help="also identify rare-token neurons in these MLP layers: 'all' or a comma list "
+        "(e.g. 0,5,-1); a linear screen of every neuron plus exact ablations of the top ones",
+    )
+    run.add_argument(
+        "--layer-top-k", type=int, default=100,
+        help="neurons per layer ablated exactly after the screen (>= d_mlp: all; default 100)",
+    )  # fmt: skip
     ana = sub.add_parser("analyze", help="run the analyses on an existing run directory")
     ana.add_argument("run_dir", type=Path, help="directory written by `raretoken run`")
     ana.add_argument("--n-random", type=int, help="random groups per baseline (default: the run's)")
@@ -395,6 +404,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             no_cache=args.no_cache,
             progress=not args.no_progress,
         )
+    if args.layers:
+        from .run.layers import identify_layers
+        from .storage import atomic_write_text
+
+        identify_layers(res.run_dir, args.layers, top_k=args.layer_top_k,
+                        cache_dir=args.cache_dir, no_cache=args.no_cache,
+                        progress=not args.no_progress)  # fmt: skip
+        summary = res.run_dir / "summary.md"
+        layers_md = (res.run_dir / "layers" / "summary.md").read_text()
+        atomic_write_text(summary, summary.read_text() + "\n" + layers_md)
     _write_run_report(res.run_dir)
     log.info("run directory: %s", res.run_dir)
     sys.stdout.write((res.run_dir / "summary.md").read_text())
