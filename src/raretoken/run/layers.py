@@ -124,23 +124,30 @@ def run_inputs(run_dir: Path | str, cache: ArrayCache, *, progress: bool = False
     return RunInputs(cfg, st, n_layers, sample, ref, sample_key, ref_key, rare, common)
 
 
+def _key_parts(inp: RunInputs, layer: int) -> dict[str, object]:
+    """What every per-layer result depends on: windows, split, model, dtype, device, layer."""
+    cfg = inp.cfg
+    return {
+        "version": LAYERS_VERSION,
+        "sample": inp.sample_key,
+        "reference": inp.ref_key,
+        "percentile": cfg.percentile,
+        "model": inp.stages.model_id,
+        "dtype": cfg.dtype,
+        "device": resolved_device(cfg),
+        "layer": layer,
+    }
+
+
 def layer_key(inp: RunInputs, layer: int, top_k: int, n_random: int, quality_k: int) -> str:
     """Cache key of one layer's ablation: everything that changes it."""
-    cfg = inp.cfg
     return cache_key(
         "layer_ablation",
         {
-            "version": LAYERS_VERSION,
-            "sample": inp.sample_key,
-            "reference": inp.ref_key,
-            "percentile": cfg.percentile,
-            "model": inp.stages.model_id,
-            "dtype": cfg.dtype,
-            "device": resolved_device(cfg),
-            "layer": layer,
+            **_key_parts(inp, layer),
             "top_k": top_k,
             "n_random": n_random,
-            "seed": cfg.seed + 100 + layer,
+            "seed": inp.cfg.seed + 100 + layer,
             "quality_k": quality_k,
         },
     )
@@ -148,20 +155,7 @@ def layer_key(inp: RunInputs, layer: int, top_k: int, n_random: int, quality_k: 
 
 def final_screen_key(inp: RunInputs, layer: int) -> str:
     """Cache key of the final layer's linear screen (compared with the run's exact Δloss)."""
-    cfg = inp.cfg
-    return cache_key(
-        "final_layer_screen",
-        {
-            "version": LAYERS_VERSION,
-            "sample": inp.sample_key,
-            "reference": inp.ref_key,
-            "percentile": cfg.percentile,
-            "model": inp.stages.model_id,
-            "dtype": cfg.dtype,
-            "device": resolved_device(cfg),
-            "layer": layer,
-        },
-    )
+    return cache_key("final_layer_screen", _key_parts(inp, layer))
 
 
 def _check_count(name: str, v: int, low: int) -> int:
