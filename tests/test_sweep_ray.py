@@ -125,6 +125,23 @@ def test_shared_work_is_read_from_the_run_manifests(setup: dict[str, Any]) -> No
         assert sm["shared_work"] == shared_work(expected)
 
 
+def test_parallel_tasks_compute_shared_stages_once_per_tokenizer(setup: dict[str, Any]) -> None:
+    """Under Ray the driver computes token statistics and windows before dispatching tasks
+    in parallel: each tokenizer's are computed exactly once in the whole sweep."""
+    root: Path = setup["root"]
+    sm = _manifest(root / "out-ray")
+    prepared = sm["prepared_by_driver"]
+    assert prepared["failed"] == 0
+    tokenizers = sm["shared_work"]["tokenizers"]
+    assert tokenizers >= 1
+    # the driver computed each tokenizer's once; the parallel tasks only read them
+    assert prepared["token_statistics_computed"] == tokenizers
+    assert prepared["windows_computed"] == tokenizers
+    assert [t["token_statistics"] for t in sm["tasks"]] == ["reused"] * len(sm["tasks"])
+    assert [t["windows"] for t in sm["tasks"]] == ["reused"] * len(sm["tasks"])
+    assert "prepared_by_driver" not in _manifest(root / "out-local")  # one after another
+
+
 def test_shared_work_known_answer(tmp_path: Path) -> None:
     def run(name: str, sha: str | None, stats: bool | None, windows: bool | None) -> Path:
         d = tmp_path / name

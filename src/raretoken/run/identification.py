@@ -109,6 +109,35 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("raretoken-runs") / f"{name}-{cfg.preset}"
 
 
+def prepare_shared(
+    cfg: RunConfig, *, cache_dir: Path | str | None = None, progress: bool = False
+) -> dict[str, str]:
+    """Compute (or find in the cache) the stages a run shares with every run of the same
+    tokenizer and corpus — token statistics and context windows — without loading weights.
+
+    A sweep runs this in its driver before dispatching tasks in parallel, so two tasks of one
+    tokenizer never count the corpus at the same time. Returns the tokenizer's sha256 and, for
+    ``token_statistics`` and ``windows``, ``"computed"`` or ``"reused"``.
+    """
+    cfg.validate()
+    st = Stages(cfg, open_cache(cache_dir, False), progress=progress)
+    st.check_inputs()
+    counts, _ = st.token_counts()
+    split = split_rare_common(counts, percentile=cfg.percentile)
+    always = (
+        split_rare_common(counts, percentile=cfg.score_percentile, check=False)
+        if cfg.scoring == "rare+common"
+        else split
+    )
+    st.samples(split, always)
+    how = {True: "reused", False: "computed"}
+    return {
+        "tokenizer_sha256": str(st.tokenizer_info.tokenizer["sha256"]),
+        "token_statistics": how[st.cached["token_statistics"]],
+        "windows": how[st.cached["sampling"]],
+    }
+
+
 def identify(
     cfg: RunConfig,
     out_dir: Path | str | None = None,

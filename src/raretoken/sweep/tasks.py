@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..report import write_run_report, write_sweep_report
 from ..run import AnalysisOptions, analyze, identify
+from ..run.identification import prepare_shared
 from ..run.manifest import MANIFEST, now_iso, read_status
 from ..storage import atomic_write_text
 from .executors import EXECUTORS, Job, make_executor
@@ -244,6 +245,29 @@ def _write_report(run_dir: Path) -> None:
         log.warning("could not write %s/report.html: %s: %s", run_dir, type(exc).__name__, exc)
 
 
+def _prepare_shared(spec: SweepSpec, out: Path, cache: Path | None) -> dict[str, int]:
+    """Token statistics and windows of every unfinished task, computed in the driver before
+    parallel dispatch, so tasks sharing a tokenizer compute them once (one after another they
+    would anyway; at once each would). A task whose inputs fail here is left to fail, and be
+    recorded, in its worker."""
+    counts = {"token_statistics_computed": 0, "windows_computed": 0, "failed": 0}
+    for task in spec.tasks:
+        if is_done(task, out / "tasks" / task.name / "run", spec.analysis):
+            continue
+        try:
+            got = prepare_shared(task.config, cache_dir=cache)
+        except Exception as exc:  # the task itself will record it
+            counts["failed"] += 1
+            log.warning("sweep: could not prepare %s's token statistics (%s: %s); its task will "
+                        "retry", task.name, type(exc).__name__, exc)  # fmt: skip
+            continue
+        counts["token_statistics_computed"] += got["token_statistics"] == "computed"
+        counts["windows_computed"] += got["windows"] == "computed"
+    log.info("sweep: token statistics computed %d times, windows %d times, before dispatch",
+             counts["token_statistics_computed"], counts["windows_computed"])  # fmt: skip
+    return counts
+
+
 def run_sweep(
     spec: SweepSpec,
     out_dir: Path | str,
@@ -285,6 +309,8 @@ def run_sweep(
         ex.check(jobs)  # before anything is written
         out.mkdir(parents=True, exist_ok=True)
         settings = ex.settings()
+        if ex.name != "local" and not no_cache:
+            settings["prepared_by_driver"] = _prepare_shared(spec, out, cache)
         write_sweep_manifest(out, spec, results, started, settings)
         bar = tqdm(total=len(jobs), desc="sweep", unit="task", disable=not progress)
 
