@@ -172,6 +172,9 @@ class DynamicsFigure:
         from matplotlib.ticker import FuncFormatter
 
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        distinct = sorted(set(steps))
+        if 1 < len(distinct) <= 12:  # few checkpoints: label each (decade ticks would skip them)
+            ax.set_xticks(distinct)
         ax.set_ylabel(self.ylabel)
         ax.set_title(f"{self.title}\n{self.band}", fontsize="medium")
         ax.legend(fontsize="x-small", loc="best")
