@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..data.sampling import ContextSample
-from ..data.token_stats import split_rare_common
 from ..errors import ConfigError, RunDirectoryError
 from ..run.analysis_stage import config_of_run_dir
 from ..run.config import RunConfig
@@ -180,12 +179,7 @@ def load_windows(
     st = Stages(cfg, open_cache(cache_dir, False), progress=progress)
     st.check_inputs()
     counts, _ = st.token_counts()
-    split = split_rare_common(counts, percentile=cfg.percentile)
-    always = (
-        split_rare_common(counts, percentile=cfg.score_percentile, check=False)
-        if cfg.scoring == "rare+common"
-        else split
-    )
+    split, always = st.splits(counts)
     sample, ref, _, ref_key = st.samples(split, always)
     targets = sample.target_ids[sample.target_mask]
     if targets.shape != files.target_ids.shape or not np.array_equal(targets, files.target_ids):

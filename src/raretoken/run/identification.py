@@ -123,12 +123,7 @@ def prepare_shared(
     st = Stages(cfg, open_cache(cache_dir, False), progress=progress)
     st.check_inputs()
     counts, _ = st.token_counts()
-    split = split_rare_common(counts, percentile=cfg.percentile)
-    always = (
-        split_rare_common(counts, percentile=cfg.score_percentile, check=False)
-        if cfg.scoring == "rare+common"
-        else split
-    )
+    split, always = st.splits(counts)
     st.samples(split, always)
     how = {True: "reused", False: "computed"}
     return {

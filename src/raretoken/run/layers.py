@@ -41,7 +41,6 @@ from ..ablation.layer import LayerAblation, layer_ablation
 from ..ablation.layer_inputs import layer_mean_acts
 from ..data.sampling import ContextSample
 from ..data.scoring import uniform_rows
-from ..data.token_stats import split_rare_common
 from ..errors import ConfigError, RunDirectoryError
 from ..storage import ArrayCache, cache_key
 from .analysis_stage import config_of_run_dir
@@ -111,12 +110,7 @@ def run_inputs(run_dir: Path | str, cache: ArrayCache, *, progress: bool = False
     st = Stages(cfg, cache, progress=progress)
     n_layers = _n_layers(run_dir, st)
     counts, _ = st.token_counts()
-    split = split_rare_common(counts, percentile=cfg.percentile)
-    always = (
-        split_rare_common(counts, percentile=cfg.score_percentile, check=False)
-        if cfg.scoring == "rare+common"
-        else split
-    )
+    split, always = st.splits(counts)
     sample, ref, sample_key, ref_key = st.samples(split, always)
     rare_mask, common_mask = split.masks()
     rare = _scored_index(sample, rare_mask)

@@ -44,7 +44,7 @@ from ..data.sampling import (
     sample_windows,
 )
 from ..data.scoring import score_rare_and_sample
-from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens
+from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens, split_rare_common
 from ..errors import TokenizerMismatchError
 from ..models.adapters import ModelAdapter
 from ..models.loading import (
@@ -294,6 +294,18 @@ class Stages:
             self.cache.save("counts", key, hit)
         strings = hit.pop("token_strings")
         return TokenCounts.from_arrays(hit), strings
+
+    def splits(self, counts: TokenCounts) -> tuple[FrequencySplit, FrequencySplit]:
+        """The rare/common split at ``percentile`` and the split whose rare targets are always
+        scored (at ``score_percentile`` under ``rare+common`` scoring, else the same split)."""
+        cfg = self.cfg
+        split = split_rare_common(counts, percentile=cfg.percentile)
+        always = (
+            split_rare_common(counts, percentile=cfg.score_percentile, check=False)
+            if cfg.scoring == "rare+common"
+            else split
+        )
+        return split, always
 
     def _sample_key(self, kind: str, split: FrequencySplit | None) -> str:
         cfg = self.cfg
