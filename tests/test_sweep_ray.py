@@ -291,6 +291,24 @@ def test_unreachable_address_is_a_quick_one_line_error(
     _one_line(capsys, "cannot reach the Ray cluster at 'ray://127.0.0.1:1'")
 
 
+def test_ray_address_variable_is_used_and_recorded(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAY_ADDRESS without --address: Ray would join that cluster, so the executor does so
+    openly (checked, named in the error, recorded), never a silent 'local' in the manifest."""
+    root: Path = setup["root"]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    ex = RayExecutor()
+    assert (ex.address, ex.settings()["address_source"]) == ("127.0.0.1:1", "RAY_ADDRESS")
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1.*comes from RAY_ADDRESS"):
+        run_sweep(setup["spec"], root / "out-env", executor="ray")
+    assert not (root / "out-env").exists()
+    monkeypatch.delenv("RAY_ADDRESS")
+    local = RayExecutor().settings()
+    assert (local["address"], local["address_source"]) == (None, None)
+    assert RayExecutor("auto").settings()["address_source"] == "argument"
+
+
 def test_ray_not_installed(
     setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

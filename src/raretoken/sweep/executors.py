@@ -14,6 +14,9 @@ Where Ray runs
     a small object store) and shut down at the end; its workers use this interpreter, so they
     import the same raretoken. With ``address`` (``"auto"``, ``"HOST:PORT"`` or
     ``"ray://HOST:PORT"``, the latter needing ``ray[client]``) an existing cluster is used.
+    Without ``address`` but with the environment variable ``RAY_ADDRESS`` set, Ray itself would
+    join that cluster: the executor says so in the log, uses it as ``address`` (checked for
+    reachability like one given) and records it in the sweep manifest.
     Every node must have the same raretoken installed and see the sweep directory (and the
     models and corpora) at the same paths: a shared file system. For example::
 
@@ -179,7 +182,12 @@ class RayExecutor:
             raise ConfigError(
                 f"num_cpus of the local Ray cluster must be at least 1, got {num_cpus}"
             )
-        self.address = address
+        env = os.environ.get("RAY_ADDRESS", "").strip()
+        #: where ``address`` came from: the caller, the RAY_ADDRESS variable, or none (local)
+        self.address_source = (
+            "argument" if address is not None else ("RAY_ADDRESS" if env else None)
+        )
+        self.address = address if address is not None else (env or None)
         self.max_parallel = max_parallel
         self.cpus_per_task = float(cpus_per_task)
         self.max_retries = max_retries
@@ -189,7 +197,8 @@ class RayExecutor:
         self._started = False
 
     def settings(self) -> dict[str, Any]:
-        return {"executor": self.name, "address": self.address, "max_parallel": self.max_parallel,
+        return {"executor": self.name, "address": self.address,
+                "address_source": self.address_source, "max_parallel": self.max_parallel,
                 "cpus_per_task": self.cpus_per_task, "max_retries": self.max_retries}  # fmt: skip
 
     def resources(self, job: Job) -> dict[str, Any]:
@@ -204,8 +213,16 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         ray = import_ray()
         self._ray = ray
+        if self.address_source == "RAY_ADDRESS":
+            log.info("ray: RAY_ADDRESS is set: joining the cluster at %r (unset it for a local one)",
+                     self.address)  # fmt: skip
         if self.address is not None:
-            check_reachable(self.address, self.connect_timeout)
+            try:
+                check_reachable(self.address, self.connect_timeout)
+            except ConfigError as exc:
+                if self.address_source != "RAY_ADDRESS":
+                    raise
+                raise ConfigError(f"{exc} (the address comes from RAY_ADDRESS)") from None
         if ray.is_initialized():  # the caller's own connection: used, left running
             log.info("ray: using this process's Ray connection")
             return self
