@@ -193,3 +193,27 @@ def test_cli_reports_a_wrongly_typed_toml_value_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ConfigError.exit_code
     assert len(err) == 1 and err[0].startswith("error: ") and "write 4" in err[0]
+
+
+def test_bos_defaults_to_auto_and_is_checked() -> None:
+    from raretoken.models.bos import BOS_CHOICES
+    from raretoken.run.config import BOS_CHOICES as CONFIG_CHOICES
+
+    assert CONFIG_CHOICES == BOS_CHOICES == ("auto", "none", "prepend")
+    assert RunConfig().bos == "auto" and make_config().bos == "auto"
+    for preset in PRESETS:
+        assert make_config(preset=preset).bos == "auto"
+    assert make_config(overrides={"bos": "none"}).bos == "none"
+    with pytest.raises(ConfigError) as info:
+        make_config(overrides={"bos": "append"})
+    msg = str(info.value)
+    assert "\n" not in msg and "'auto'" in msg and "'append'" in msg
+    assert _cli_config(["--bos", "prepend"]).bos == "prepend"
+
+
+def test_bos_choices_agree_with_the_resolver() -> None:
+    """The configuration's list of BOS settings is the one models.bos resolves."""
+    from raretoken.models.bos import BOS_CHOICES as resolved
+    from raretoken.run.config import BOS_CHOICES
+
+    assert BOS_CHOICES == resolved

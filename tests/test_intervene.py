@@ -329,5 +329,10 @@ def test_cli_intervene(
     rows = (copy / "interventions" / "interventions.csv").read_text().splitlines()
     assert len(rows) >= 4  # header, factors 0 and 2, mean ablation (and the null-space rows)
     assert capsys.readouterr().out == (copy / "interventions" / "interventions.md").read_text()
+    # recorded as a stage of the run, in its summary and its report
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "interventions" in manifest["stages"]
+    assert "## Interventions on the rare-token neurons" in (copy / "summary.md").read_text()
+    assert 'id="interventions-interventions"' in (copy / "report.html").read_text()
     assert main(["intervene", str(copy), "--factors", "0,nan"]) == 2
     assert "finite" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +19,13 @@ from raretoken.errors import (
 )
 from raretoken.models import ModelSpec, capture_input, embedded_model_path, load_model
 from raretoken.models import loading as loading_mod
-from raretoken.models.loading import resolve_device, resolve_source
+from raretoken.models.bos import BosChoice, resolve_bos
+from raretoken.models.loading import (
+    TokenizerInfo,
+    resolve_device,
+    resolve_source,
+    tokenizer_adds_bos,
+)
 from tiny import FAMILIES, save_tiny, tiny_model, tiny_tokenizer
 
 
@@ -214,3 +222,88 @@ def test_embedded_smollm2() -> None:
     pos = ids.shape[1] - 3
     paris = int(ids[0, pos + 1])
     assert paris in logits[0, pos].topk(20).indices.tolist()
+
+
+# ------------------------------------------------------------------------------- BOS policy
+def _template_tokenizer(single: str | None, **special: str) -> Any:
+    """The tiny tokenizer with a post-processor ``single`` (``None``: none) and special tokens."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer(300).backend_tokenizer)
+    if single is not None:
+        ids = {"<s>": 1, "</s>": 2}
+        used = [(t, i) for t, i in ids.items() if t in single]
+        backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=used)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def test_tokenizer_adds_bos_reads_what_encoding_does() -> None:
+    both = {"bos_token": "<s>", "eos_token": "</s>"}
+    assert not tokenizer_adds_bos(tiny_tokenizer(300))  # no post-processor
+    assert tokenizer_adds_bos(_template_tokenizer("<s> $A", **both))  # Llama 3 style
+    assert tokenizer_adds_bos(_template_tokenizer("<s> $A </s>", **both))  # BOS and EOS
+    assert not tokenizer_adds_bos(_template_tokenizer("$A </s>", **both))  # EOS only
+    assert not tokenizer_adds_bos(_template_tokenizer("<s> $A", eos_token="</s>"))  # no BOS token
+
+
+def test_load_tokenizer_records_model_type_and_bos(tmp_path: Path) -> None:
+    from raretoken.models.loading import load_tokenizer
+
+    path = save_tiny(tmp_path / "llama", "llama")
+    info = load_tokenizer(ModelSpec(source=str(path))).info
+    assert (info.model_type, info.bos_token, info.bos_token_id, info.adds_bos) == (
+        "llama", "<s>", 1, False,
+    )  # fmt: skip
+    assert TokenizerInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    old = {k: v for k, v in info.to_dict().items() if k in ("tokenizer", "dims", "max_positions")}
+    assert TokenizerInfo.from_dict(old).model_type is None  # an entry without the new fields
+    _template_tokenizer("<s> $A", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    assert load_tokenizer(ModelSpec(source=str(path))).info.adds_bos
+
+
+def _info(model_type: str | None, *, adds_bos: bool = False, bos: bool = True) -> TokenizerInfo:
+    return TokenizerInfo({"sha256": "0" * 64, "vocab_size": 300, "class": "T"}, None, None,
+                         model_type=model_type, bos_token="<s>" if bos else None,
+                         bos_token_id=1 if bos else None, adds_bos=adds_bos)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("requested", "model_type", "adds_bos", "policy", "reason"),
+    [
+        ("auto", "gemma2", False, "prepend", "gemma2 requires it"),
+        ("auto", "gemma3_text", False, "prepend", "gemma3_text requires it"),
+        ("auto", "gemma3", True, "prepend", "gemma3 requires it"),
+        ("auto", "llama", True, "prepend", "the tokenizer adds <s> to every text it encodes"),
+        ("auto", "llama", False, "none", "llama does not require one and its tokenizer adds none"),
+        ("auto", "gpt2", False, "none", "gpt2 does not require one"),
+        ("auto", "olmo2", False, "none", "olmo2 does not require one"),
+        ("prepend", "gpt2", False, "prepend", "set explicitly: bos = 'prepend'"),
+        ("none", "llama", True, "none", "although the tokenizer adds <s>"),
+    ],
+)
+def test_resolve_bos(requested: str, model_type: str, adds_bos: bool, policy: str,
+                     reason: str) -> None:  # fmt: skip
+    choice = resolve_bos(requested, _info(model_type, adds_bos=adds_bos))
+    assert (choice.requested, choice.policy, choice.warning) == (requested, policy, None)
+    assert reason in choice.reason
+    assert choice.token == ("<s>" if policy == "prepend" else None)
+    assert BosChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
+def test_resolve_bos_warns_and_refuses() -> None:
+    choice = resolve_bos("none", _info("gemma2", adds_bos=True))
+    assert choice.policy == "none" and choice.warning is not None
+    assert choice.warning.startswith("gemma2 requires a BOS token (Gemma is trained with <bos>")
+    assert "none (windows start with a corpus token) (set explicitly" in choice.describe()
+    for requested, model_type, why in (("prepend", "llama", "bos = 'prepend' asks for one"),
+                                       ("auto", "gemma2", "gemma2 requires one")):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            resolve_bos(requested, _info(model_type, bos=False), source="m")
+        msg = str(info.value)
+        assert "\n" not in msg and "the tokenizer of 'm' has no BOS token" in msg and why in msg
+    assert resolve_bos("auto", _info("llama", bos=False)).policy == "none"
+    with pytest.raises(ConfigError, match="bos must be one of auto, none, prepend"):
+        resolve_bos("first", _info("llama"))
+    with pytest.raises(UnsupportedArchitectureError, match="'gemma' is not supported"):
+        resolve_bos("auto", _info("gemma"))

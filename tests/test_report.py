@@ -112,6 +112,50 @@ def write_run_dir(root: Path, status: str = "complete", **manifest: Any) -> Path
     return run
 
 
+def write_addons(run: Path) -> Path:
+    """Per-layer results (``layers/``, ``figures/depth.*``) and interventions
+    (``interventions/``) in the synthetic run directory ``run``, with hostile strings."""
+    (run / "layers").mkdir(exist_ok=True)
+    (run / "interventions").mkdir(exist_ok=True)
+    save_figure(run / "figures/depth.svg", "depth")
+    save_figure(run / "figures/depth.png", "depth")
+    save_figure(run / "interventions/interventions.svg", "interventions")
+    save_figure(run / "interventions/interventions.png", "interventions")
+    (run / "layers/layers.csv").write_text(
+        "layer,n_neurons,plateau_size,kappa,values\n0,64,,0.41,screen\n1,64,5,0.52,exact\n"
+    )
+    (run / "layers/screen_quality.csv").write_text("layer,targets,spearman\n0,rare,0.93\n")
+    (run / "layers/layer_00.json").write_text("{}")
+    (run / "layers/summary.md").write_text("## Rare-token neurons across depth\n\nsection\n")
+    (run / "interventions/interventions.md").write_text(
+        "# Interventions on plateau (5 neurons)\n\n| condition | d_rare |\n|---|---|\n"
+        "| scale ×0 | 0.25 |\n\n## Greedy generations\n\n| prompt | continuation |\n"
+        f"|---|---|\n| The cat | sat {HOSTILE} |\n"
+    )
+    (run / "interventions/interventions.csv").write_text("condition,d_rare\nscale ×0,0.25\n")
+    (run / "interventions/interventions.json").write_text("{}")
+    (run / "interventions/summary.md").write_text("## Interventions\n\nsection\n")
+    with (run / "summary.md").open("a") as fh:
+        fh.write(
+            "\n## Rare-token neurons across depth\n\nFigure: `figures/depth.png`; quality: "
+            "`layers/screen_quality.csv`.\n\n## Interventions on the rare-token neurons\n\n"
+            "Tables: `interventions/interventions.md`; figure: "
+            "`interventions/interventions.png`.\n"
+        )
+    m = json.loads((run / "manifest.json").read_text())
+    m["outputs"]["layers:figures/depth.png"] = {
+        "path": "figures/depth.png",
+        "about": "plateau size and κ against layer",
+    }
+    m["outputs"]["interventions:interventions/interventions.png"] = {
+        "path": "interventions/interventions.png",
+        "about": "loss change vs scale factor",
+    }
+    m.setdefault("stages", {}).update(layers={"finished": "x"}, interventions={"finished": "x"})
+    (run / "manifest.json").write_text(json.dumps(m))
+    return run
+
+
 def write_sweep_dir(root: Path, with_manifest: bool = True) -> Path:
     """A synthetic sweep: a complete task (with a run report), a failed one, a pending one."""
     sweep = root
@@ -317,6 +361,65 @@ def test_figures_each_once_svg_preferred_png_fallback(tmp_path: Path) -> None:
     ]
     assert order[:2] == ["rank_curve", "spectra"]
     assert "Figure 1: log-log rank curve of Δloss <span" in text
+
+
+def test_layers_and_interventions_sections(tmp_path: Path) -> None:
+    run = write_addons(write_run_dir(tmp_path / "run"))
+    text = write_run_report(run).read_text()
+    p = check_page(text)
+    figs = embedded(p)
+    assert sorted(figs) == ["depth", "hostile", "interventions", "only_png", "rank_curve",
+                            "spectra"]  # fmt: skip
+    assert figs["depth"] == (run / "figures/depth.svg").read_bytes()
+    assert figs["interventions"] == (run / "interventions/interventions.svg").read_bytes()
+    sections = text.split('<section id="')
+    by_id = {part.split('"', 1)[0]: part for part in sections[1:]}
+    # the depth figure is in the per-layer section (once), not among the other figures
+    assert 'data-figure="depth"' in by_id["layers"]
+    assert "plateau size and κ against layer" in by_id["layers"]
+    assert 'href="layers/layer_00.json"' in by_id["layers"]
+    assert "0.93" in by_id["layers-screen_quality"] and "0.52" in by_id["layers-layers"]
+    assert 'data-figure="depth"' not in text.split('<section id="figures">')[1]
+    # the interventions: figure, table, generations (escaped), CSV folded
+    assert 'data-figure="interventions"' in by_id["interventions"]
+    iv = by_id["interventions-interventions"]
+    assert "<h4>Greedy generations</h4>" in iv and f"sat {ESCAPED}" in iv
+    assert "interventions.csv: 1 row(s)" in iv
+    # the section files are in the summary, not repeated as tables
+    assert 'id="layers-summary"' not in text and 'id="interventions-summary"' not in text
+    # the summary's code spans link into the sections
+    for rel, anchor in (("figures/depth.png", "fig-depth"),
+                        ("layers/screen_quality.csv", "layers-screen_quality"),
+                        ("interventions/interventions.md", "interventions-interventions"),
+                        ("interventions/interventions.png", "interventions-fig-interventions")):  # fmt: skip
+        assert f'<a href="#{anchor}"><code>{rel}</code></a>' in text, rel
+    toc = text.split('<nav class="toc">')[1].split("</nav>")[0]
+    assert toc.index("#analyses") < toc.index("#layers") < toc.index("#interventions")
+    assert toc.index("#interventions") < toc.index("#figures")
+
+
+def test_no_addon_sections_without_their_directories(tmp_path: Path) -> None:
+    run = write_run_dir(tmp_path / "run")
+    save_figure(run / "figures/depth.svg", "depth")  # a figure of that name, but no layers/
+    text = write_run_report(run).read_text()
+    check_page(text)
+    assert 'id="layers"' not in text and 'id="interventions"' not in text
+    assert 'data-figure="depth"' not in text  # a depth figure belongs to the layers stage
+
+
+def test_no_addon_sections_for_stages_that_did_not_finish(tmp_path: Path) -> None:
+    """Files of an add-on stage that failed (the manifest records no finished stage) may be
+    half rewritten: the page shows neither them nor links to them."""
+    run = write_addons(write_run_dir(tmp_path / "run"))
+    m = json.loads((run / "manifest.json").read_text())
+    del m["stages"]["layers"], m["stages"]["interventions"]
+    m["error"] = {"stage": "interventions", "type": "RuntimeError", "message": "boom"}
+    (run / "manifest.json").write_text(json.dumps(m))
+    text = write_run_report(run).read_text()
+    check_page(text)  # no dangling anchors: the summary's code spans are left unlinked
+    assert 'id="layers"' not in text and 'id="interventions"' not in text
+    assert 'data-figure="depth"' not in text and 'data-figure="interventions"' not in text
+    assert "<code>layers/screen_quality.csv</code>" in text
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import pytest
 from pipeline_fixtures import tiny_overrides, tiny_setup
 from raretoken.report import write_run_report, write_sweep_report
 from raretoken.run import identify, make_config
-from test_report import write_run_dir, write_sweep_dir
+from test_report import write_addons, write_run_dir, write_sweep_dir
 
 
 def _chromium() -> tuple[str | None, str]:
@@ -114,6 +114,13 @@ def test_run_report_renders(browser: Any, tmp_path: Path) -> None:
     seen = open_report(browser, path)
     assert_renders(seen, path, _stems(run / "figures"))
     assert seen["banner"] is None
+
+
+def test_run_report_with_layers_and_interventions_renders(browser: Any, tmp_path: Path) -> None:
+    run = write_addons(write_run_dir(tmp_path / "run"))
+    path = write_run_report(run)
+    seen = open_report(browser, path)
+    assert_renders(seen, path, _stems(run / "figures") | {"interventions"})
 
 
 def test_failed_run_report_renders_with_banner(browser: Any, tmp_path: Path) -> None:

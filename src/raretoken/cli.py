@@ -18,6 +18,7 @@ from .errors import RareTokenError
 
 if TYPE_CHECKING:
     from .run import AnalysisOptions
+    from .run.config import RunConfig
 
 log = logging.getLogger("raretoken")
 
@@ -48,7 +49,9 @@ _HELP = {
     "the robustness sweep's percentiles above it are skipped)",
     "max_stream_tokens": "most corpus tokens read while sampling",
     "reference_windows": "windows (disjoint from the scored ones) for the mean activations n̄",
-    "bos": "'none' or 'prepend' a BOS token to every window",
+    "bos": "'auto' (default: what the model needs: a BOS token for Gemma, or wherever the "
+    "model's own tokenizer adds one), 'none', or 'prepend' the tokenizer's BOS token to every "
+    "window",
     "seed": "seed of every random choice",
     "method": "ablation method: fast (default), exact or naive",
     "tol": "error bound per (position, neuron) pair of the fast method",
@@ -207,6 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer-top-k", type=int, default=100,
         help="neurons per layer ablated exactly after the screen (>= d_mlp: all; default 100)",
     )  # fmt: skip
+    run.add_argument(
+        "--layer-random-exact", type=int, default=100,
+        help="further neurons per layer, drawn at random (seeded), ablated exactly to check "
+        "the screen beyond its top (default 100)",
+    )  # fmt: skip
+    run.add_argument(
+        "--no-layer-analyses",
+        action="store_true",
+        help="per-layer stage without the four analyses of each layer's group",
+    )
+    run.add_argument(
+        "--layer-n-random",
+        type=int,
+        default=None,
+        help="random groups per per-layer analysis baseline (default: the run's)",
+    )
+    run.add_argument(
+        "--layer-routing",
+        action="store_true",
+        help="also run attention routing per layer (costly on a CPU: about 1.4 "
+        "forward passes of --layer-routing-windows windows per layer)",
+    )
+    run.add_argument("--layer-routing-windows", type=int, default=8,
+                     help="windows the per-layer routing re-runs (seeded; default 8)")  # fmt: skip
     ana = sub.add_parser("analyze", help="run the analyses on an existing run directory")
     ana.add_argument("run_dir", type=Path, help="directory written by `raretoken run`")
     ana.add_argument("--n-random", type=int, help="random groups per baseline (default: the run's)")
@@ -370,6 +397,7 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
     )
+    _write_run_report(args.run_dir)
     sys.stdout.write((args.run_dir / "interventions" / "interventions.md").read_text())
     return 0
 
@@ -380,12 +408,43 @@ def _write_run_report(run_dir: Path) -> None:
     log.info("report: %s", write_run_report(run_dir))
 
 
+def _layer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-layer stage's options from the ``run`` flags."""
+    return {"top_k": args.layer_top_k, "n_random": args.layer_random_exact,
+            "analyses": not args.no_layer_analyses,
+            "n_random_groups": args.layer_n_random, "layer_routing": args.layer_routing,
+            "routing_windows": args.layer_routing_windows}  # fmt: skip
+
+
+def _check_layers(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """``--layers`` and ``--layer-top-k`` against the model's number of layers, before any
+    model work (the sizes come from the model's config, no weights are read)."""
+    from .errors import ConfigError
+    from .run.layers import check_layer_options
+    from .run.layers_results import parse_layers
+    from .run.stages import Stages, open_cache
+
+    for flag, v in (("--layer-top-k", args.layer_top_k),
+                    ("--layer-random-exact", args.layer_random_exact)):  # fmt: skip
+        if v < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {v}")
+    cfg.validate()
+    opts = _layer_options(args)
+    opts.pop("layer_routing")
+    check_layer_options(cfg, **opts)
+    st = Stages(cfg, open_cache(args.cache_dir, args.no_cache), progress=False)
+    st.check_inputs()
+    parse_layers(args.layers, int(st.dims["n_layers"]))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import identify, make_config
 
     overrides = _setting_overrides(args)
     preset = overrides.pop("preset")
     cfg = make_config(preset=preset, config_file=args.config, overrides=overrides)
+    if args.layers:
+        _check_layers(cfg, args)
     res = identify(
         cfg,
         args.out,
@@ -406,14 +465,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     if args.layers:
         from .run.layers import identify_layers
-        from .storage import atomic_write_text
 
-        identify_layers(res.run_dir, args.layers, top_k=args.layer_top_k,
+        identify_layers(res.run_dir, args.layers, **_layer_options(args),
                         cache_dir=args.cache_dir, no_cache=args.no_cache,
                         progress=not args.no_progress)  # fmt: skip
-        summary = res.run_dir / "summary.md"
-        layers_md = (res.run_dir / "layers" / "summary.md").read_text()
-        atomic_write_text(summary, summary.read_text() + "\n" + layers_md)
     _write_run_report(res.run_dir)
     log.info("run directory: %s", res.run_dir)
     sys.stdout.write((res.run_dir / "summary.md").read_text())

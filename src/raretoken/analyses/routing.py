@@ -16,8 +16,9 @@ Attention concentration (eq. 7)
 blocks (:func:`raretoken.models.hooks.attention_patterns`; per *query* head under
 grouped-query attention) and takes, for each scored position, the Gini coefficient of the
 attention row of the query at that position (the position whose logits predict the target)
-over its causally visible keys (:func:`raretoken.stats.routing.gini`, textbook variant by
-default; keys outside a sliding window count as visible keys with zero weight).
+over the keys the model lets the query see (:func:`raretoken.stats.routing.gini`, textbook
+variant by default; causal, and the window on sliding layers:
+:func:`raretoken.models.hooks.attention_visibility`).
 :func:`routing_analysis` then compares rare-target and common-target query positions head by
 head with :func:`raretoken.stats.routing.compare_head_gini` (Welch and Mann–Whitney per head,
 Benjamini–Hochberg across heads, Spearman's ρ across heads of the per-head means, paired t

@@ -1,15 +1,25 @@
 """Model re-runs behind the attention-routing analysis (paper §3.2, §4.4): attention
-patterns and head ablations of the last two blocks.
+patterns and head ablations of the two blocks that feed an MLP layer.
 
-The blocks are re-run from the residual stream entering block ``L-2`` captured during
-identification (``ident.block_input``) with :func:`raretoken.models.tail.run_from_layer`.
+The blocks are re-run from the residual stream entering block ``start_layer`` (default: the
+one before the target layer; for the final MLP, block ``L-2``, captured during identification
+as ``ident.block_input``) with :func:`raretoken.models.tail.run_from_layer`.
 
 * :func:`attention_gini` → :class:`HeadGini`: the Gini coefficient (eq. 7) of every head's
   attention row at every scored query position.
-* :func:`head_ablation` → :class:`HeadAblation`: the group's final-layer activations with each
-  single head, and each whole layer's heads, zeroed (eq. 8 follows from its norms).
+* :func:`head_ablation` → :class:`HeadAblation`: the group's activations in the target MLP
+  layer with each single head, and each whole layer's heads, zeroed (eq. 8 follows from its
+  norms).
 * :class:`RoutingContext`: the model pieces and captured inputs, shared by every group and
   robustness row so the patterns are computed once.
+
+Target layer: by default the final MLP layer (the paper's analysis). With ``target_layer=T``
+(per-layer analyses, :mod:`raretoken.run.layers_analyses`) the heads of blocks
+``start_layer .. T`` (default ``max(0, T - 1) .. T``) are analysed and the group's activations
+are read at MLP layer ``T``. Each re-run stops as soon as it has what it needs (the output of
+block ``T`` for the Gini, the input of MLP ``T``'s output projection for the ablations): the
+blocks after ``T`` cannot change either, and skipping them makes a re-run for an early layer
+cost two blocks instead of the whole tail.
 
 The statistics on these arrays are in :mod:`raretoken.analyses.routing`.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,12 +39,16 @@ from tqdm.auto import tqdm
 from raretoken._rng import as_generator
 from raretoken.errors import ConfigError, InsufficientDataError, NumericalError
 from raretoken.models.adapters import ModelAdapter
-from raretoken.models.hooks import ablate_heads, attention_patterns, capture_input
+from raretoken.models.hooks import (
+    ablate_heads,
+    attention_patterns,
+    attention_visibility,
+    capture_input,
+)
 from raretoken.models.tail import run_from_layer
 from raretoken.stats.regime_bootstrap import window_of_rows
 from raretoken.stats.routing import (
     GiniVariant,
-    causal_mask,
     gini,
 )
 
@@ -63,9 +78,50 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _default_start(adapter: ModelAdapter, start_layer: int | None) -> int:
-    n = adapter.dims.n_layers
-    return max(0, n - 2) if start_layer is None else adapter.layer_index(start_layer)
+def _span(
+    adapter: ModelAdapter, start_layer: int | None, target_layer: int | None
+) -> tuple[int, int]:
+    """``(start, target)``: the first re-run block (default ``max(0, target - 1)``) and the MLP
+    layer read (default the final one), normalised; ``start > target`` is refused."""
+    target = adapter.layer_index(-1 if target_layer is None else target_layer)
+    start = max(0, target - 1) if start_layer is None else adapter.layer_index(start_layer)
+    if start > target:
+        raise ConfigError(
+            f"start_layer {start} is after the target layer {target}: the re-run blocks must "
+            "feed the target MLP"
+        )
+    return start, target
+
+
+class _StopForward(Exception):
+    """Raised by :func:`_stop_at` to end a re-run once what it needs has been recorded."""
+
+
+def _raise_stop(*_args: object) -> None:
+    raise _StopForward
+
+
+@contextlib.contextmanager
+def _stop_at(module: torch.nn.Module, *, before: bool) -> Iterator[None]:
+    """End any forward pass when ``module`` is reached (``before``: a pre-hook, registered after
+    the caller's own hooks so they run first; else after it ran)."""
+    handle = (
+        module.register_forward_pre_hook(_raise_stop)
+        if before
+        else module.register_forward_hook(_raise_stop)
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rerun(adapter: ModelAdapter, hidden: torch.Tensor, start: int) -> None:
+    """:func:`run_from_layer` that treats the stop of :func:`_stop_at` as the normal end."""
+    try:
+        run_from_layer(adapter, hidden, start)
+    except _StopForward:
+        pass
 
 
 def _check_inputs(
@@ -110,10 +166,12 @@ def _group_acts(
     *,
     batch_size: int,
     ablate: tuple[int, list[int]] | None,
+    target: int,
 ) -> np.ndarray:
-    """``(n_scored, |G|)`` float64 final-layer activations of ``group`` after re-running."""
+    """``(n_scored, |G|)`` float64 activations of ``group`` in MLP layer ``target`` after
+    re-running blocks ``start .. target``."""
     p = _param(adapter)
-    proj = adapter.mlp_out_proj(-1)
+    proj = adapter.mlp_out_proj(target)
     cols = torch.as_tensor(group, dtype=torch.long, device=p.device)
     out: list[np.ndarray] = []
     for b0, b1 in _batches(block_input.shape[0], batch_size):
@@ -123,8 +181,9 @@ def _group_acts(
             got = stack.enter_context(capture_input(proj))
             if ablate is not None:
                 stack.enter_context(ablate_heads(adapter, ablate[0], ablate[1]))
+            stack.enter_context(_stop_at(proj, before=True))
             with torch.no_grad():
-                run_from_layer(adapter, h, start)
+                _rerun(adapter, h, start)
         acts = got[-1][:, :-1][m].index_select(-1, cols)
         out.append(acts.double().cpu().numpy())
     return np.concatenate(out)
@@ -168,6 +227,7 @@ def attention_gini(
     start_layer: int | None = None,
     batch_size: int = 4,
     variant: GiniVariant = "standard",
+    target_layer: int | None = None,
 ) -> HeadGini:
     """Gini of each head's attention row at each scored position (see module docstring).
 
@@ -181,24 +241,31 @@ def attention_gini(
         ``(n_windows, seq_len - 1)`` scored positions (``ContextSample.target_mask``); the
         query of scored position ``(w, j)`` is input position ``j`` of window ``w``.
     start_layer:
-        First re-run block (default ``max(0, n_layers - 2)``); every re-run block is analysed.
+        First re-run block (default ``max(0, target_layer - 1)``); every re-run block up to
+        ``target_layer`` is analysed.
     batch_size:
         Windows per forward pass.
     variant:
         Gini variant.
+    target_layer:
+        The MLP layer the heads feed (default the final one); the re-run stops after its block.
     """
     bi, mask = _check_inputs(adapter, block_input, target_mask)
-    start = _default_start(adapter, start_layer)
-    layers = list(range(start, adapter.dims.n_layers))
+    start, target = _span(adapter, start_layer, target_layer)
+    layers = list(range(start, target + 1))
     n_heads = adapter.dims.n_heads
     p = _param(adapter)
     seq = bi.shape[1]
-    causal = causal_mask(seq)
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for b0, b1 in _batches(bi.shape[0], batch_size):
         h = torch.from_numpy(np.array(bi[b0:b1])).to(device=p.device, dtype=p.dtype)  # memmap rows
-        with attention_patterns(adapter, layers) as pats, torch.no_grad():
-            run_from_layer(adapter, h, start)
+        with (
+            attention_patterns(adapter, layers) as pats,
+            attention_visibility(adapter, layers) as visible,
+            _stop_at(adapter.blocks()[target], before=False),
+            torch.no_grad(),
+        ):
+            _rerun(adapter, h, start)
         m = mask[b0:b1]
         for layer in layers:
             probs = pats[layer][-1].double().cpu().numpy()  # (b, H, S, S)
@@ -207,7 +274,9 @@ def attention_gini(
                     f"attention of layer {layer} has shape {probs.shape}, expected "
                     f"(batch, {n_heads}, {seq}, {seq})"
                 )
-            g = gini(probs, mask=causal, variant=variant)[:, :, :-1]  # (b, H, S-1)
+            # the keys each query can see: causal, and the window on sliding layers
+            valid = np.broadcast_to(visible[layer][-1].cpu().numpy(), probs.shape)
+            g = gini(probs, mask=valid, variant=variant)[:, :, :-1]  # (b, H, S-1)
             parts[layer].append(np.moveaxis(g, 1, 0)[:, m])  # (H, n_scored_in_batch)
     heads = np.asarray([(layer, hh) for layer in layers for hh in range(n_heads)], dtype=np.int64)
     values = np.concatenate([np.concatenate(parts[layer], axis=1) for layer in layers], axis=0)
@@ -313,15 +382,17 @@ def head_ablation(
     batch_size: int = 4,
     reference_acts: np.ndarray | None = None,
     progress: bool = False,
+    target_layer: int | None = None,
 ) -> HeadAblation:
     """Ablate every single head and every whole layer of the re-run blocks (eq. 8 inputs).
 
     Parameters
     ----------
-    adapter, block_input, target_mask, start_layer, batch_size:
+    adapter, block_input, target_mask, start_layer, batch_size, target_layer:
         As in :func:`attention_gini`.
     group:
-        Neuron ids of the final layer whose activations are measured.
+        Neuron ids of MLP layer ``target_layer`` (default the final one) whose activations are
+        measured.
     reference_acts:
         Optional ``(n_scored, |group|)`` activations from the full forward (e.g.
         ``ident.acts[:, group]``) to check the re-run baseline against.
@@ -329,15 +400,17 @@ def head_ablation(
         Show a progress bar.
     """
     bi, mask = _check_inputs(adapter, block_input, target_mask)
-    ids = check_group(group, adapter.dims.d_mlp)
-    start = _default_start(adapter, start_layer)
-    layers = list(range(start, adapter.dims.n_layers))
+    start, target = _span(adapter, start_layer, target_layer)
+    ids = check_group(group, int(adapter.w_out(target).shape[0]))
+    layers = list(range(start, target + 1))
     n_heads = adapter.dims.n_heads
     abls = [(layer, h) for layer in layers for h in range(n_heads)]
     abls += [(layer, ALL_HEADS) for layer in layers]
 
     def run(ablate: tuple[int, list[int]] | None) -> np.ndarray:
-        return _group_acts(adapter, bi, mask, start, ids, batch_size=batch_size, ablate=ablate)
+        return _group_acts(
+            adapter, bi, mask, start, ids, batch_size=batch_size, ablate=ablate, target=target
+        )
 
     base = run(None)
     dev: float | None = None
@@ -398,6 +471,9 @@ class RoutingContext:
 
     The Gini array does not depend on the group or the rare/common split, and head ablations
     depend only on the group: :meth:`gini` and :meth:`ablation` compute each once.
+    ``target_layer`` (default ``None``: the final MLP) is the MLP layer whose neurons the group
+    holds; ``block_input`` must then enter block ``start_layer`` (default
+    ``max(0, target_layer - 1)``).
     """
 
     adapter: ModelAdapter
@@ -412,6 +488,11 @@ class RoutingContext:
 
     #: The windows the head ablations re-run (``None``: all); see :meth:`from_identification`.
     ablation_windows: np.ndarray | None = None
+    #: The MLP layer whose neurons are measured (``None``: the final one).
+    target_layer: int | None = None
+    #: Neuron ids of the columns of ``reference_acts`` when it holds only some neurons
+    #: (``None``: column ``i`` is neuron ``i``); a group outside them is not checked.
+    reference_columns: np.ndarray | None = None
 
     @classmethod
     def from_identification(
@@ -477,15 +558,31 @@ class RoutingContext:
                 start_layer=self.start_layer,
                 batch_size=self.batch_size,
                 variant=variant,
+                target_layer=self.target_layer,
             )
         return self._gini[variant]
 
+    def _reference(self, ids: np.ndarray) -> np.ndarray | None:
+        """The reference activations of the neurons ``ids`` (``None``: not all available)."""
+        if self.reference_acts is None:
+            return None
+        if self.reference_columns is None:
+            return self.reference_acts[:, ids]
+        cols = np.asarray(self.reference_columns, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        where = np.searchsorted(cols, ids, sorter=order)
+        where = np.minimum(where, cols.size - 1)
+        if cols.size == 0 or not np.array_equal(cols[order[where]], ids):
+            return None
+        return np.asarray(self.reference_acts)[:, order[where]]
+
     def ablation(self, group: np.ndarray) -> HeadAblation:
-        ids = check_group(group, self.adapter.dims.d_mlp)
+        target = self.adapter.layer_index(-1 if self.target_layer is None else self.target_layer)
+        ids = check_group(group, int(self.adapter.w_out(target).shape[0]))
         key = tuple(int(i) for i in ids)
         if key not in self._ablations:
             bi, mask, rows = self.block_input, self.target_mask, self.rows
-            ref = None if self.reference_acts is None else self.reference_acts[:, ids]
+            ref = self._reference(ids)
             if self.ablation_windows is not None and rows is not None:
                 bi = np.asarray(bi[self.ablation_windows])
                 mask = mask[self.ablation_windows]
@@ -499,5 +596,6 @@ class RoutingContext:
                 batch_size=self.batch_size,
                 reference_acts=ref,
                 progress=self.progress,
+                target_layer=self.target_layer,
             )
         return self._ablations[key]

@@ -44,7 +44,8 @@ from .hooks import (
     scale_group_null,
     scored_metrics,
 )
-from .loading import check_group, load_windows, read_run
+from .loading import RunFiles, check_group, load_windows, read_run, run_group
+from .stage import InterventionStage
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,12 @@ def intervene(
 
     Every input is checked before the model is loaded: a :class:`ConfigError` or
     :class:`~raretoken.errors.RunDirectoryError` with one line. ``null_fraction=None`` skips
-    the null-space variant. ``write`` writes ``RUN_DIR/interventions/`` (:mod:`.outputs`).
+    the null-space variant. ``write`` writes ``RUN_DIR/interventions/`` (:mod:`.outputs`) and
+    records the stage ``interventions`` in the manifest and its section in ``summary.md``
+    (:mod:`.stage`).
     """
     facs = check_factors(factors)
-    if generation_factors:
-        check_factors(generation_factors)
+    gen_facs = check_factors(generation_factors) if generation_factors else ()
     if n_boot < 1:
         raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
     if n_tokens < 1:
@@ -211,7 +213,7 @@ def intervene(
     if null_space not in ("spectrum", "frequent"):
         raise ConfigError(f"null_space must be 'spectrum' or 'frequent', got {null_space!r}")
     files = read_run(run_dir)
-    group = check_group(files.group_ids if neurons is None else neurons, files.n_neurons)
+    group = check_group(run_group(files) if neurons is None else neurons, files.n_neurons)
     group_name = files.group_name if neurons is None else "given neurons"
     if n_random and files.n_neurons - group.size < group.size:
         raise ConfigError(f"the layer has too few other neurons for random groups of {group.size}")
@@ -227,6 +229,49 @@ def intervene(
             np.sort(rng.choice(others, size=group.size, replace=False)) for _ in range(n_random)
         ]
 
+    info = {
+        "group": {"name": group_name, "size": int(group.size)},
+        "settings": {"factors": list(facs), "mean_ablate": mean_ablate,
+                     "null_fraction": null_fraction, "null_space": null_space,
+                     "n_random": len(rand), "random": random, "seed": int(seed),
+                     "n_boot": int(n_boot), "generation_factors": list(gen_facs),
+                     "n_tokens": int(n_tokens)},
+    }  # fmt: skip
+    with InterventionStage(files.run_dir, info, record=write) as stage:
+        result = _measure(
+            files, group, group_name, rand, facs, gen_facs, mean_ablate=mean_ablate,
+            null_fraction=null_fraction, null_space=null_space, random=random, seed=seed,
+            n_boot=n_boot, prompts=prompts, n_tokens=n_tokens, cache_dir=cache_dir,
+            progress=progress,
+        )  # fmt: skip
+        if write:
+            from .outputs import write_interventions
+
+            stage.written(write_interventions(result, files.run_dir))
+    return result
+
+
+def _measure(
+    files: RunFiles,
+    group: np.ndarray,
+    group_name: str,
+    rand: list[np.ndarray],
+    facs: tuple[float, ...],
+    gen_facs: tuple[float, ...],
+    *,
+    mean_ablate: bool,
+    null_fraction: float | None,
+    null_space: str,
+    random: str,
+    seed: int,
+    n_boot: int,
+    prompts: Sequence[str],
+    n_tokens: int,
+    cache_dir: Path | str | None,
+    progress: bool,
+) -> InterventionResult:
+    """The model work of :func:`intervene` on checked inputs: every condition on the group
+    and the random groups, then the generations."""
     win = files.windows
     rare_rows = np.flatnonzero(files.classes == "rare")
     common_rows = np.flatnonzero((files.classes == "common") & files.uniform)
@@ -306,7 +351,6 @@ def intervene(
             p_rare=float((1 + np.sum(np.abs(rnd[:, 0]) >= abs(d_r))) / (1 + len(rand))),
         ))  # fmt: skip
     bar.close()
-    gen_facs = check_factors(generation_factors) if generation_factors else ()
     gen_conds: list[tuple[str, MakeContext]] = [("unhooked", _no_hook)]
     gen_conds += [
         (Condition("scale", f).label, partial(scale_group, adapter, group, f)) for f in gen_facs
@@ -336,10 +380,6 @@ def intervene(
         random_groups=tuple(tuple(int(i) for i in g) for g in rand),
         generations=gens,
     )
-    if write:
-        from .outputs import write_interventions
-
-        write_interventions(result, files.run_dir)
     return result
 
 

@@ -39,7 +39,8 @@ class RunFiles:
 
     run_dir: Path
     config: RunConfig
-    #: Neuron ids of the run's analysis group (or plateau), ascending, and its label.
+    #: Neuron ids of the run's analysis group (or plateau; empty without either), ascending,
+    #: and its label.
     group_ids: np.ndarray
     group_name: str
     n_neurons: int
@@ -133,12 +134,18 @@ def _run_group(run: Path, neurons: dict[str, list[Any]]) -> tuple[np.ndarray, st
         if ids:
             return np.sort(np.asarray(ids, dtype=np.int64)), str(group.get("name", "group"))
     plateau = np.flatnonzero(np.asarray(neurons.get("plateau", []), dtype=bool))
-    if plateau.size == 0:
+    return plateau.astype(np.int64), "plateau"
+
+
+def run_group(files: RunFiles) -> np.ndarray:
+    """The run's own group (:attr:`RunFiles.group_ids`), or :class:`ConfigError` when it has
+    neither an analysis group nor a plateau."""
+    if files.group_ids.size == 0:
         raise ConfigError(
-            f"{run} has no analysis group and an empty plateau: pass the neuron ids "
+            f"{files.run_dir} has no analysis group and an empty plateau: pass the neuron ids "
             "(--neurons) or run the analyses first"
         )
-    return plateau.astype(np.int64), "plateau"
+    return files.group_ids
 
 
 def check_group(ids: Any, n_neurons: int) -> np.ndarray:

@@ -64,6 +64,54 @@ def to_markdown(res: InterventionResult) -> str:
     ])  # fmt: skip
 
 
+def _num(v: float, fmt: str = "+.4f") -> str:
+    return "–" if not math.isfinite(v) else format(v, fmt)
+
+
+def summary_section(res: InterventionResult) -> str:
+    """The interventions' section of ``summary.md`` (``interventions/summary.md``)."""
+    n_rand = (
+        f"the mean over {res.n_random} random groups of the same size"
+        + (" matched on weight norm and activation" if res.random == "matched" else "")
+        if res.n_random
+        else "no random groups were drawn"
+    )
+    kinds = {r.kind for r in res.rows}
+    done = ["scaled by each factor"] + [text for kind, text in (
+        ("mean", "mean-ablated"),
+        ("null", "scaled in the unembedding's near-null space only"),
+    ) if kind in kinds]  # fmt: skip
+    said = done[0] if len(done) == 1 else ", ".join(done[:-1]) + " and " + done[-1]
+    lines = [
+        f"## Interventions on the rare-token neurons ({res.group_name}, "
+        f"{len(res.group_ids)} neurons)",
+        "",
+        f"The group's activations were {said}. "
+        f"Unhooked: rare-target loss {res.base_rare_loss:.4f} ({res.n_rare_positions} "
+        f"positions), common-target loss {res.base_common_loss:.4f} "
+        f"({res.n_common_positions}). Δ: change of the mean loss vs the unhooked model "
+        f"(95 % window-bootstrap interval); random: {n_rand}; p: empirical p of |Δ rare|.",
+        "",
+        "| condition | Δ rare loss | 95 % interval | Δ common loss | Δ rare-token mass | "
+        "random Δ rare | p |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in res.rows:
+        lo, hi = r.d_rare_ci
+        lines.append(
+            f"| {r.label} | {_num(r.d_rare)} | [{_num(lo)}, {_num(hi)}] | {_num(r.d_common)} | "
+            f"{_num(r.d_rare_mass, '+.3g')} | {_num(r.random_d_rare)} | "
+            f"{_num(r.p_rare, '.3g') if res.n_random else '–'} |"
+        )
+    lines += [
+        "",
+        "Tables and greedy generations: `interventions/interventions.md`; figure: "
+        "`interventions/interventions.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _cell(text: str) -> str:
     """Text safe in one Markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ⏎ ")
@@ -118,7 +166,8 @@ def plot(res: InterventionResult, stem: Path) -> None:
 
 
 def write_interventions(res: InterventionResult, run_dir: Path | str) -> dict[str, str]:
-    """Write ``interventions/interventions.{csv,md,json,png,svg}``; returns path -> description."""
+    """Write ``interventions/interventions.{csv,md,json,png,svg}`` and the section of
+    ``summary.md`` (``interventions/summary.md``); returns path -> description."""
     out = Path(run_dir) / "interventions"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "interventions.csv", csv_text(table_rows(res), COLUMNS))
@@ -129,7 +178,9 @@ def write_interventions(res: InterventionResult, run_dir: Path | str) -> dict[st
                        "git_commit": git_commit()},
     })  # fmt: skip
     plot(res, out / "interventions")
+    atomic_write_text(out / "summary.md", summary_section(res))
     return {
+        "interventions/summary.md": "the interventions' section of summary.md",
         "interventions/interventions.csv": "loss and rare-token mass per intervention",
         "interventions/interventions.md": "the same as a Markdown table",
         "interventions/interventions.json": "InterventionResult with provenance",

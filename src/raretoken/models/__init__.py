@@ -19,12 +19,20 @@ from .adapters import (
     adapter_for,
     check_model_type,
 )
-from .hooks import ablate_heads, attention_patterns, capture_input, replace_input
+from .bos import BosChoice, resolve_bos
+from .hooks import (
+    ablate_heads,
+    attention_patterns,
+    attention_visibility,
+    capture_input,
+    replace_input,
+)
 from .loading import LoadedModel, ModelSpec, embedded_model_path, load_model
 from .tail import run_from_layer
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "BosChoice",
     "GPT2Adapter",
     "Gemma2Adapter",
     "Gemma3Adapter",
@@ -42,10 +50,12 @@ __all__ = [
     "ablate_heads",
     "adapter_for",
     "attention_patterns",
+    "attention_visibility",
     "capture_input",
     "check_model_type",
     "embedded_model_path",
     "load_model",
     "replace_input",
+    "resolve_bos",
     "run_from_layer",
 ]

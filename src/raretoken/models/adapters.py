@@ -237,6 +237,9 @@ class ModelAdapter(ABC):
     post_mlp_norm_name: ClassVar[str | None] = None
     """The norm inside a block applied to the MLP output before it is added to the residual
     stream (Gemma 2/3 and OLMo 2: ``post_feedforward_layernorm``), if any."""
+    bos_required: ClassVar[str | None] = None
+    """Why the family needs a BOS token at the start of every input (Gemma), or ``None``: the
+    ``auto`` BOS policy (:mod:`raretoken.models.bos`) then follows the tokenizer."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model

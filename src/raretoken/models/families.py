@@ -285,6 +285,10 @@ class Gemma2Adapter(_PostNormAdapter):
 
     family = "gemma2"
     model_types: ClassVar[tuple[str, ...]] = ("gemma2",)
+    bos_required = (
+        "Gemma is trained with <bos> opening every sequence (its tokenizer always adds it) and "
+        "its predictions degrade badly without it"
+    )
     block_norm_names: ClassVar[tuple[str, ...]] = (
         "input_layernorm",
         "post_attention_layernorm",

@@ -6,6 +6,8 @@
   projection's input (the concatenated head outputs) are set to zero, so the heads contribute
   nothing but the projection's bias, if any.
 * :func:`attention_patterns` records attention probabilities ``(batch, n_heads, q, k)``.
+* :func:`attention_visibility` records which keys each query may attend to, from the mask the
+  model passes to each attention module (causal, sliding-window, ...).
 
 ``input[0]`` is the first positional argument; a module called with its first argument as the
 keyword ``hidden_states`` (some decoder layers) is handled too.
@@ -13,6 +15,7 @@ keyword ``hidden_states`` (some decoder layers) is handled too.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +27,13 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedArchitectureError
 from .adapters import ModelAdapter
 
-__all__ = ["ablate_heads", "attention_patterns", "capture_input", "replace_input"]
+__all__ = [
+    "ablate_heads",
+    "attention_patterns",
+    "attention_visibility",
+    "capture_input",
+    "replace_input",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +170,68 @@ def attention_patterns(
             handle.remove()
         if switched and previous is not None:
             model.set_attn_implementation(previous)
+
+
+_MASK_ARG = "attention_mask"
+
+
+def _mask_argument(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``attention_mask`` argument of a call of ``module`` (keyword or positional)."""
+    if _MASK_ARG in kwargs:
+        return kwargs[_MASK_ARG]
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get(_MASK_ARG)
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean "may attend" of a boolean (``True`` = attend) or additive float mask (a key is
+    masked by a large negative value: ``-inf`` or about the dtype's minimum)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise UnsupportedArchitectureError(f"unexpected attention mask dtype {mask.dtype}")
+    return torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min / 2)
+
+
+@contextmanager
+def attention_visibility(
+    adapter: ModelAdapter, layers: Sequence[int]
+) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record which keys each query of ``layers`` may attend to, on every forward pass.
+
+    Yields ``{layer: [bool tensor (batch or 1, 1 or n_heads, q, k), ...]}`` (``True``: the
+    query may attend to the key), one per forward call, read from the ``attention_mask`` the
+    model passes to each attention module: the mask the model really applies, with its causal
+    and sliding-window parts (Mistral, Qwen 2/3 and Phi-3 windows, Gemma 2/3 sliding layers),
+    whatever family it is. Use it inside :func:`attention_patterns`, under whose eager
+    attention every family materialises its mask; a module called without a mask tensor (a
+    fused kernel that applies causality itself) is refused with
+    :class:`~raretoken.errors.UnsupportedArchitectureError`.
+    """
+    idx = sorted({adapter.layer_index(layer) for layer in layers})
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in idx}
+    handles = []
+    try:
+        for i in idx:
+            module = adapter.attention(i)
+
+            def hook(
+                mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i
+            ) -> None:
+                mask = _mask_argument(mod, args, kwargs)
+                if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+                    raise UnsupportedArchitectureError(
+                        f"the attention module of layer {i} received no 4-D attention mask "
+                        f"({type(mask).__name__}); read its visibility under eager attention "
+                        "(inside attention_patterns)"
+                    )
+                out[i].append(_visible(mask.detach()))
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()

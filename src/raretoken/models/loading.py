@@ -18,7 +18,8 @@ first (:mod:`raretoken.models.gguf`, whose public names are re-exported here).
 :func:`load_tokenizer` reads only the tokenizer and the config (sizes from the architecture
 built on the ``meta`` device, no weights read): what token statistics and context windows need.
 They are keyed by :func:`tokenizer_identity`, the tokenizer's content, so checkpoints and sizes
-sharing a tokenizer share them.
+sharing a tokenizer share them. The tokenizer's identity, :class:`TokenizerInfo` and the
+tokenizer checks live in :mod:`raretoken.models.tokenizer` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -43,7 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..errors import ConfigError, ModelLoadError, RareTokenError, TokenizerMismatchError
+from ..errors import ConfigError, ModelLoadError, RareTokenError
 from .adapters import ModelAdapter, adapter_for, check_model_type
 from .gguf import (
     GGUF_MODEL_TYPES,
@@ -53,12 +53,22 @@ from .gguf import (
     gguf_model_type,
 )
 from .gguf import _transformers_gguf_architectures as _transformers_gguf_architectures
+from .tokenizer import (
+    MIN_VOCAB_FILL,
+    LoadedTokenizer,
+    TokenizerInfo,
+    check_tokenizer,
+    check_vocab_fits,
+    tokenizer_adds_bos,
+    tokenizer_identity,
+)
 
 __all__ = [
     "DTYPES",
     "EMBEDDED_FILE",
     "EMBEDDED_PACKAGE",
     "GGUF_MODEL_TYPES",
+    "MIN_VOCAB_FILL",
     "LoadedModel",
     "LoadedTokenizer",
     "ModelSpec",
@@ -74,6 +84,7 @@ __all__ = [
     "model_dims",
     "resolve_device",
     "resolve_source",
+    "tokenizer_adds_bos",
     "tokenizer_identity",
 ]
 
@@ -89,11 +100,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-# A tokenizer with fewer than this fraction of the embedding rows is taken to belong to another
-# model. Real models pad their vocabulary by at most a few percent (Pythia 50277/50304, Qwen2
-# 151665/151936, Phi-1.5 50295/51200).
-MIN_VOCAB_FILL = 0.9
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf", ".model", ".txt", ".tiktoken")
@@ -273,43 +279,6 @@ def _fingerprint(src: ResolvedSource) -> dict[str, Any] | None:
     return {"sha256": combined.hexdigest(), "file_sizes": sizes}
 
 
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
-    """Refuse a tokenizer that does not belong to ``model``.
-
-    Raises :class:`TokenizerMismatchError` if the tokenizer can emit ids beyond the embedding
-    rows, or if it covers less than ``MIN_VOCAB_FILL`` of them (a vocabulary from another model).
-    Disagreeing BOS/EOS ids between tokenizer and config are only logged (instruct models often
-    redefine EOS).
-    """
-    embedding = model.get_input_embeddings()
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TokenizerMismatchError("the model has no input embedding matrix to check against")
-    _check_vocab_fits(tokenizer, int(weight.shape[0]))
-    for name in ("bos_token_id", "eos_token_id"):
-        tok_id = getattr(tokenizer, name, None)
-        cfg_id = getattr(model.config, name, None)
-        cfg_ids = cfg_id if isinstance(cfg_id, list) else [cfg_id]
-        if tok_id is not None and cfg_id is not None and tok_id not in cfg_ids:
-            log.warning("tokenizer %s %s differs from the model config's %s", name, tok_id, cfg_id)
-
-
-def _check_vocab_fits(tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
-    """The vocabulary checks of :func:`check_tokenizer` against ``rows`` embedding rows."""
-    vocab = tokenizer.get_vocab()
-    n_tokens = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
-    if n_tokens > rows:
-        raise TokenizerMismatchError(
-            f"the tokenizer has {n_tokens} token ids but the model embeds only {rows}; "
-            "tokenizer and model do not belong together"
-        )
-    if n_tokens < MIN_VOCAB_FILL * rows:
-        raise TokenizerMismatchError(
-            f"the tokenizer has {n_tokens} tokens, far fewer than the model's {rows} embedding "
-            "rows; it is probably from another model"
-        )
-
-
 def _load_kwargs(spec: ModelSpec, src: ResolvedSource) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments: the GGUF file and the hub revision."""
     kwargs: dict[str, Any] = {}
@@ -403,103 +372,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 
 # --------------------------------------------------------------------------- tokenizer only
-#: Keys of a backend tokenizer's JSON that hold call-time state, not how text is tokenized.
-_TOKENIZER_STATE_KEYS = ("truncation", "padding")
-#: Version of :func:`tokenizer_identity`'s hashed payload (part of the hash).
-TOKENIZER_IDENTITY_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What the tokenizer-keyed stages need to know about a model, read without its weights.
-
-    ``tokenizer`` is :func:`tokenizer_identity`; ``dims`` the sizes of :func:`model_dims`
-    (``None`` when the architecture could not be built from the config alone: they are then
-    read once the model loads); ``max_positions`` the model's context length, if known.
-    """
-
-    tokenizer: dict[str, Any]
-    dims: dict[str, int] | None
-    max_positions: int | None
-
-    @property
-    def vocab_size(self) -> int:
-        """Embedding rows: the length of the counts arrays."""
-        return int(self.tokenizer["vocab_size"])
-
-    @property
-    def key(self) -> dict[str, Any]:
-        """The part of a cache key that identifies the tokenization (not the class name)."""
-        return {"sha256": self.tokenizer["sha256"], "vocab_size": self.vocab_size}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TokenizerInfo:
-        mp = data.get("max_positions")
-        dims = data.get("dims")
-        return cls(
-            tokenizer=dict(data["tokenizer"]),
-            dims=None if dims is None else {k: int(v) for k, v in dims.items()},
-            max_positions=None if mp is None else int(mp),
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedTokenizer:
-    """A tokenizer loaded without its model, with its :class:`TokenizerInfo`."""
-
-    tokenizer: PreTrainedTokenizerBase
-    info: TokenizerInfo
-
-
-def tokenizer_identity(tok: PreTrainedTokenizerBase, vocab_size: int) -> dict[str, Any]:
-    """Content identity of ``tok`` for a model with ``vocab_size`` embedding rows.
-
-    ``sha256`` is the SHA-256 of the canonical JSON (sorted keys) of
-
-    * fast tokenizers: the backend tokenizer's serialisation (``backend_tokenizer.to_str()``:
-      vocabulary, merges, normaliser, pre-tokeniser, post-processor, decoder, added tokens)
-      without its call-time truncation and padding state;
-    * other (Python / SentencePiece) tokenizers: the vocabulary (``get_vocab()`` in id order),
-      the SHA-256 of each file named in ``vocab_files_names`` (vocab, merges, SentencePiece
-      model) that exists, and the SentencePiece model proto when there is one;
-
-    plus the special tokens map and ``vocab_size`` (the counts arrays have one entry per
-    embedding row, so a padded vocabulary counts apart). Where the files lie, the tokenizer's
-    class and the model's weights are not part of it. Returns ``{"sha256", "vocab_size",
-    "class"}``.
-    """
-    payload: dict[str, Any] = {
-        "format": TOKENIZER_IDENTITY_FORMAT,
-        "vocab_size": int(vocab_size),
-        "special_tokens": json.loads(json.dumps(tok.special_tokens_map, default=str)),
-    }
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        for name in _TOKENIZER_STATE_KEYS:
-            state.pop(name, None)
-        payload["backend"] = state
-    else:
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-        payload["vocab"] = [[t, int(i)] for t, i in vocab]
-        files: dict[str, str] = {}
-        for attr in sorted(getattr(tok, "vocab_files_names", None) or {}):
-            path = getattr(tok, attr, None)
-            if isinstance(path, str | Path) and Path(path).is_file():
-                files[attr] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        payload["files"] = files
-        proto = getattr(getattr(tok, "sp_model", None), "serialized_model_proto", None)
-        if callable(proto):
-            payload["sentencepiece"] = hashlib.sha256(proto()).hexdigest()
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return {
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "vocab_size": int(vocab_size),
-        "class": type(tok).__name__,
-    }
 
 
 def model_dims(adapter: ModelAdapter) -> dict[str, int]:
@@ -533,7 +405,9 @@ def load_tokenizer(spec: ModelSpec) -> LoadedTokenizer:
 
     The same sources as :func:`load_model` (a GGUF file's tokenizer comes from the file), the
     same refusals of an unsupported architecture or a tokenizer that does not fit the model's
-    embedding rows; the sizes come from the architecture built on the ``meta`` device.
+    embedding rows; the sizes come from the architecture built on the ``meta`` device. The
+    info also holds the config's model type and the tokenizer's BOS token, and whether the
+    tokenizer adds it to every text (what the ``auto`` BOS policy reads).
 
     Raises
     ------
@@ -551,7 +425,8 @@ def load_tokenizer(spec: ModelSpec) -> LoadedTokenizer:
         check_gguf(src.path)
     log.info("loading the tokenizer of %r (%s)", spec.source, src.kind)
     config = _attempt(spec, "config", AutoConfig.from_pretrained, src.location, **kwargs)
-    check_model_type(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    check_model_type(model_type)
     tokenizer = _attempt(spec, "tokenizer", AutoTokenizer.from_pretrained, src.location, **kwargs)
     sizes = _meta_sizes(config, spec.source)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -565,6 +440,16 @@ def load_tokenizer(spec: ModelSpec) -> LoadedTokenizer:
         vocab = getattr(text_config, "vocab_size", None)
         if vocab is None:
             raise ModelLoadError(f"the config of {spec.source!r} does not say its vocabulary size")
-    _check_vocab_fits(tokenizer, int(vocab))
-    info = TokenizerInfo(tokenizer_identity(tokenizer, int(vocab)), dims, max_positions)
+    check_vocab_fits(tokenizer, int(vocab))
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos_token = getattr(tokenizer, "bos_token", None)
+    info = TokenizerInfo(
+        tokenizer_identity(tokenizer, int(vocab)),
+        dims,
+        max_positions,
+        model_type=str(model_type),
+        bos_token=None if bos_id is None or bos_token is None else str(bos_token),
+        bos_token_id=None if bos_id is None else int(bos_id),
+        adds_bos=tokenizer_adds_bos(tokenizer),
+    )
     return LoadedTokenizer(tokenizer=tokenizer, info=info)

@@ -1,10 +1,14 @@
-"""Depth figure: plateau size, κ and the linear screen's quality against MLP layer.
+"""Depth figure: plateau size, κ, the linear screen's quality and the analyses against layer.
 
-:class:`DepthDisplay` is built from the stored per-layer table only (the columns of
-``layers/layers.csv``, see :mod:`raretoken.run.layers`): :meth:`DepthDisplay.from_columns`
-copies them, :meth:`DepthDisplay.plot` draws three panels. Values fitted on exact Δloss and on
-the linear screen are drawn as two separate series (different markers, never joined by one
-line): they are different estimates and must not read as one curve.
+:class:`DepthDisplay` is built from the stored per-layer tables only (the columns of
+``layers/layers.csv`` and, when the analyses ran, of ``layers/analyses.csv``; see
+:mod:`raretoken.run.layers`): :meth:`DepthDisplay.from_columns` copies them,
+:meth:`DepthDisplay.plot` draws three panels, and two more with the analyses: the z-score of
+the group against its size-matched random groups for d_eff/N, modularity Q and Hill α, and the
+routing differences (Gini rare − common, largest single head − whole layer). A filled marker is
+significant at p < 0.05 (each comparison's own test), a hollow one is not. Values fitted on
+exact Δloss and on the linear screen are drawn as two separate series (different markers,
+never joined by one line): they are different estimates and must not read as one curve.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["DepthDisplay", "DepthTable"]
+__all__ = ["AnalysesDepthTable", "DepthDisplay", "DepthTable"]
 
 VALUE_KINDS = ("exact", "screen")
 _MARKERS = {"exact": ("o", "C0"), "screen": ("s", "C1")}
@@ -78,6 +82,58 @@ class DepthTable:
         )
 
 
+#: Significance level of the filled markers of the analyses panels.
+SIGNIFICANCE = 0.05
+#: (column of the effect, column of its p-value, legend label, marker) of each analyses panel.
+Z_SERIES = (("z_d_eff", "p_d_eff", "d_eff/N (z)", "o"), ("z_q", "p_q", "modularity Q (z)", "s"),
+            ("z_alpha", "p_alpha", "Hill α (z)", "^"))  # fmt: skip
+ROUTING_SERIES = (("gini_diff", "p_gini", "Gini rare − common", "D"),
+                  ("impact_diff", "p_single_vs_layer", "single − layer impact", "v"))  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class AnalysesDepthTable:
+    """The per-layer analyses the depth figure draws (columns of ``layers/analyses.csv``)."""
+
+    layer: np.ndarray
+    values: Mapping[str, np.ndarray]
+
+    @classmethod
+    def from_columns(cls, cols: Mapping[str, Sequence[Any]]) -> AnalysesDepthTable:
+        need = ["layer", *(c for s in (*Z_SERIES, *ROUTING_SERIES) for c in s[:2])]
+        missing = [n for n in need if n not in cols]
+        if missing:
+            raise ConfigError(f"the analyses table lacks the columns {missing}")
+        layer = np.asarray([int(x) for x in cols["layer"]], dtype=np.int64)
+        if len(set(layer.tolist())) != layer.size:
+            raise ConfigError("the analyses table lists a layer twice")
+        order = np.argsort(layer, kind="stable")
+        vals = {n: _floats(cols[n])[order] for n in need[1:]}
+        return cls(layer=layer[order], values=vals)
+
+
+def _effects(ax: Axes, t: AnalysesDepthTable, series: Sequence[tuple[str, str, str, str]]) -> bool:
+    """Each series as a faint line over the layers and markers, filled where p < 0.05; whether
+    anything was drawn."""
+    drew = False
+    for i, (col, pcol, label, marker) in enumerate(series):
+        y, p = t.values[col], t.values[pcol]
+        ok = np.isfinite(y)
+        if not ok.any():
+            continue
+        drew = True
+        color = f"C{i + 2}"
+        ax.plot(t.layer[ok], y[ok], "-", color=color, alpha=0.35, linewidth=1)
+        sig = ok & (p < SIGNIFICANCE)
+        ax.plot(t.layer[sig], y[sig], marker=marker, color=color, linestyle="none",
+                label=f"{label}, p < {SIGNIFICANCE:g}")  # fmt: skip
+        ax.plot(t.layer[ok & ~sig], y[ok & ~sig], marker=marker, color=color, linestyle="none",
+                markerfacecolor="none", label=f"{label}, n.s.")  # fmt: skip
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.set_xlabel("MLP layer")
+    return drew
+
+
 class DepthDisplay:
     """Three panels against layer: plateau size, κ, screen quality (Spearman and recall).
 
@@ -89,23 +145,35 @@ class DepthDisplay:
         Set by :meth:`plot`.
     """
 
-    def __init__(self, table: DepthTable) -> None:
+    def __init__(self, table: DepthTable, analyses: AnalysesDepthTable | None = None) -> None:
         self.table = table
+        self.analyses = analyses
         self.figure_: Figure | None = None
         self.axes_: tuple[Axes, ...] = ()
 
     @classmethod
-    def from_columns(cls, cols: Mapping[str, Sequence[Any]]) -> DepthDisplay:
-        return cls(DepthTable.from_columns(cols))
+    def from_columns(
+        cls,
+        cols: Mapping[str, Sequence[Any]],
+        analyses: Mapping[str, Sequence[Any]] | None = None,
+    ) -> DepthDisplay:
+        """From the columns of ``layers.csv`` and, optionally, of ``analyses.csv``."""
+        an = None if analyses is None else AnalysesDepthTable.from_columns(analyses)
+        return cls(DepthTable.from_columns(cols), an)
 
     def plot(self) -> DepthDisplay:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        t = self.table
-        fig = Figure(figsize=(13.0, 3.8))
+        t, an = self.table, self.analyses
+        fig = Figure(figsize=(13.0, 3.8 if an is None else 7.6))
         FigureCanvasAgg(fig)
-        axes = tuple(fig.subplots(1, 3, squeeze=False)[0])
+        if an is None:
+            axes: tuple[Axes, ...] = tuple(fig.subplots(1, 3, squeeze=False)[0])
+        else:
+            grid = fig.add_gridspec(2, 3)
+            axes = (*(fig.add_subplot(grid[0, i]) for i in range(3)),
+                    fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2]))  # fmt: skip
         kinds = np.asarray(t.values)
         for ax, y, name in ((axes[0], t.plateau_size, "plateau size (neurons)"),
                             (axes[1], t.kappa, "κ (power-law exponent)")):  # fmt: skip
@@ -128,8 +196,21 @@ class DepthDisplay:
         q.set_xlabel("MLP layer")
         q.set_ylabel("screen vs exact")
         q.legend(fontsize=8, loc="lower left")
+        if an is not None:
+            z, rt = axes[3], axes[4]
+            _effects(z, an, Z_SERIES)
+            z.set_ylabel("group vs random groups (z)")
+            z.set_title("analyses per layer (filled: p < 0.05)", fontsize=9)
+            z.legend(fontsize=7, ncol=3)
+            if _effects(rt, an, ROUTING_SERIES):
+                rt.legend(fontsize=7)
+            else:
+                rt.text(0.5, 0.5, "routing not run", transform=rt.transAxes, ha="center")
+            rt.set_ylabel("routing difference")
+            rt.set_title("attention routing", fontsize=9)
+        ticks = t.layer if an is None else np.union1d(t.layer, an.layer)
         for ax in axes:
-            ax.set_xticks(t.layer.tolist())
+            ax.set_xticks(ticks.tolist())
         fig.suptitle("Rare-token neurons across depth")
         self.figure_, self.axes_ = fig, axes
         return self

@@ -1,12 +1,14 @@
 """``report.html`` of a run directory: summary, claims, analyses, figures, provenance.
 
 Reads only files of the run directory (``manifest.json``, ``summary.md``,
-``analyses/*.md|csv``, ``figures/*.svg|png``); runs nothing. A run that is not ``complete``
-gets a banner at the top saying what is missing.
+``analyses/*.md|csv``, ``figures/*.svg|png``, and where they exist ``layers/*.csv`` with
+``figures/depth.*`` and ``interventions/*.md|csv|svg|png``); runs nothing. A run that is not
+``complete`` gets a banner at the top saying what is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
@@ -25,8 +27,10 @@ from .tables import html_table, key_value_table, read_csv
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
-#: files of ``analyses/`` shown elsewhere (claims) or not tables
-_NOT_ANALYSES = ("report.md", "claims.md", "claims.csv")
+#: files of ``analyses/`` shown elsewhere (claims, summary) or not tables
+_NOT_ANALYSES = ("report.md", "claims.md", "claims.csv", "summary.md")
+#: figures of ``figures/`` shown in the per-layer section (when ``layers/`` exists)
+LAYER_FIGURES = ("depth",)
 
 
 def _e(x: Any) -> str:
@@ -83,8 +87,11 @@ def _captions(manifest: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _code_links(run_dir: Path, figures: list[Figure]) -> dict[str, str]:
-    """Code spans of the Markdown (``figures/x.png``, ``analyses/x.md``) to in-page anchors."""
+def _code_links(
+    run_dir: Path, figures: list[Figure], addons: tuple[str, ...] = ("layers", "interventions")
+) -> dict[str, str]:
+    """Code spans of the Markdown (``figures/x.png``, ``analyses/x.md``) to in-page anchors
+    (those of the add-on directories ``addons`` only: the sections the page shows)."""
     links: dict[str, str] = {"manifest.json": "#provenance", "analyses/report.md": "#analyses"}
     for fig in figures:
         for p in fig.files:
@@ -94,7 +101,58 @@ def _code_links(run_dir: Path, figures: list[Figure]) -> dict[str, str]:
         if p.suffix in (".md", ".csv") and p.name not in _NOT_ANALYSES:
             links[f"analyses/{p.name}"] = "#" + anchor_for(p.stem, "analysis-")
     links["analyses/claims.csv"] = links["analyses/claims.md"] = "#claims"
+    for sub in addons:
+        prefix = sub + "-"
+        d = run_dir / sub
+        for p in sorted(d.glob("*.*")) if d.is_dir() else []:
+            if p.suffix in (".md", ".csv") and p.name != "summary.md":
+                links[f"{sub}/{p.name}"] = "#" + anchor_for(p.stem, prefix)
     return links
+
+
+def _interventions_figures(run_dir: Path, captions: dict[str, str]) -> list[Figure]:
+    """The figures of ``interventions/`` (anchors apart from those of ``figures/``)."""
+    figs = collect_figures(run_dir / "interventions", captions, prefix="interventions/")
+    return [dataclasses.replace(f, anchor="interventions-" + f.anchor) for f in figs]
+
+
+def _layers_section(
+    run_dir: Path, figures: list[Figure], captions: dict[str, str], links: dict[str, str]
+) -> Section:
+    """Per-layer identification (``layers/``): the depth figure and the tables."""
+    tables = table_sections(
+        run_dir / "layers", run_dir, captions=captions, exclude=("summary.md",),
+        anchor_prefix="layers-", code_links=links,
+    )  # fmt: skip
+    per_layer = sorted((run_dir / "layers").glob("layer_*.json"))
+    body = [figure_html(f, run_dir) for f in figures]
+    if not figures:
+        body.append('<p class="note">No depth figure in this run directory.</p>')
+    if per_layer:
+        body.append(
+            '<p class="note">Each layer\'s fit, screen and exact ablation: '
+            + ", ".join(
+                f'<a href="{html.escape(p.relative_to(run_dir).as_posix(), quote=True)}">'
+                f"{_e(p.name)}</a>"
+                for p in per_layer
+            )
+            + ".</p>"
+        )
+    return Section("Rare-token neurons across depth", "layers", "\n".join(body), tuple(tables))
+
+
+def _interventions_section(
+    run_dir: Path, figures: list[Figure], captions: dict[str, str], links: dict[str, str]
+) -> Section:
+    """Interventions on the group (``interventions/``): figure, tables, generations."""
+    tables = table_sections(
+        run_dir / "interventions", run_dir, captions=captions, exclude=("summary.md",),
+        anchor_prefix="interventions-", code_links=links,
+    )  # fmt: skip
+    body = [figure_html(f, run_dir) for f in figures]
+    if not figures and not tables:
+        body.append('<p class="note">No intervention results in this run directory.</p>')
+    return Section("Interventions", "interventions", "\n".join(body), tuple(tables))
 
 
 def _claims(run_dir: Path) -> str:
@@ -175,7 +233,18 @@ def run_report_html(run_dir: Path | str) -> str:
     status = read_status(run_dir)
     captions = _captions(manifest)
     figures = collect_figures(run_dir / "figures", captions)
-    links = _code_links(run_dir, figures)
+    # an add-on stage's files are shown only while the manifest records the stage as finished
+    # (one that failed or is running may have left half-rewritten files)
+    got = manifest.get("stages")
+    finished: dict[str, Any] = got if isinstance(got, dict) else {}
+    has_layers = "layers" in finished and (run_dir / "layers").is_dir()
+    has_interventions = "interventions" in finished and (run_dir / "interventions").is_dir()
+    depth = [f for f in figures if has_layers and f.stem in LAYER_FIGURES]
+    figures = [f for f in figures if f.stem not in LAYER_FIGURES]
+    iv_figures = _interventions_figures(run_dir, captions) if has_interventions else []
+    shown = tuple(n for n, has in (("layers", has_layers), ("interventions", has_interventions))
+                  if has)  # fmt: skip
+    links = _code_links(run_dir, figures + depth + iv_figures, shown)
     analyses = table_sections(
         run_dir / "analyses", run_dir, captions=captions, exclude=_NOT_ANALYSES,
         anchor_prefix="analysis-", code_links=links,
@@ -198,6 +267,12 @@ def run_report_html(run_dir: Path | str) -> str:
             "analyses",
             "" if analyses else '<p class="note">No analysis tables in this run directory.</p>',
             tuple(analyses),
+        ),
+        *([_layers_section(run_dir, depth, captions, links)] if has_layers else []),
+        *(
+            [_interventions_section(run_dir, iv_figures, captions, links)]
+            if has_interventions
+            else []
         ),
         Section(
             "Figures",
@@ -227,8 +302,10 @@ def write_run_report(run_dir: Path | str) -> Path:
     """Write ``run_dir/report.html``: one self-contained page for a browser.
 
     The page holds ``summary.md``, the claims table (``analyses/claims.csv``, verdicts
-    coloured), every table of ``analyses/``, every figure of ``figures/`` (inlined) and the
-    manifest's provenance; a run that is not complete says so at the top. Nothing in the
+    coloured), every table of ``analyses/``, the per-layer tables and the depth figure
+    (``layers/``), the interventions' tables, figure and generations (``interventions/``),
+    every figure of ``figures/`` (inlined) and the manifest's provenance; a run that is not
+    complete says so at the top. Nothing in the
     page is fetched from anywhere (see :mod:`raretoken.report.page`).
 
     Raises

@@ -7,9 +7,11 @@
 :func:`analyze` runs :func:`raretoken.analyses.run_analyses` on an identification (or takes
 the result from the cache), writes the tables and figures into the identification's run
 directory, records them in its manifest with the analysis settings, and adds the verdicts on
-the paper's claims to ``summary.md``. :func:`analyze_run_dir` does the same for an existing
-run directory: it rebuilds the configuration from the manifest and reruns identification,
-which the cache makes cheap.
+the paper's claims to ``summary.md`` (their section ``analyses/summary.md``, :mod:`.summary`).
+:func:`analyze_run_dir` does the same for an existing run directory: it rebuilds the
+configuration from the manifest and reruns identification, which the cache makes cheap; the
+per-layer results and interventions already in the directory are kept while they were computed
+from the same identification (:meth:`~.manifest.RunDirectory.publish`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .._faults import checkpoint
 from ..errors import RunDirectoryError
 from ..storage import ArrayCache, atomic_write_text, cache_key
 from .manifest import MANIFEST, MANIFEST_SCHEMA, RunDirectory
-from .outputs import identification_summary
 from .stages import open_cache
+from .summary import write_summary
 
 if TYPE_CHECKING:
     from ..analyses import AnalysisSuite
@@ -37,7 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Bump when the analyses change what they compute: cached suites with an older value are
 #: recomputed.
-ANALYSES_VERSION = 3
+ANALYSES_VERSION = 4
+#: The analyses' section of ``summary.md`` (:mod:`.summary`).
+ANALYSES_SECTION = "analyses/summary.md"
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,11 @@ def analyze(
             log.info("analyses: reusing the cached result")
 
         written = write_analyses(suite, ident.run_dir)
+        atomic_write_text(ident.run_dir / ANALYSES_SECTION, analyses_summary(suite))
+        written[ANALYSES_SECTION] = "the analyses' section of summary.md (claim verdicts)"
         checkpoint("analyses-written")
         run.replace_outputs("analyses:", written)
-        summary = identification_summary(ident) + "\n" + analyses_summary(suite)
-        atomic_write_text(ident.run_dir / "summary.md", summary)
+        write_summary(ident.run_dir, also=("analyses",))
     except BaseException as exc:
         run.stop("analyses", exc)
         raise
@@ -174,6 +179,10 @@ def analyze(
         options=asdict(opts),
         group={"name": suite.group.name, "size": suite.group.size, "note": suite.group.note},
     )
+    from .layers import refresh_after_analyses  # the per-layer stage reads these analyses
+
+    refresh_after_analyses(ident.run_dir, key, cache_dir=cache_dir, no_cache=no_cache,
+                           progress=progress)  # fmt: skip
     return suite
 
 

@@ -34,6 +34,10 @@ import tomllib
 from ..data.scoring import SCORING_MODES
 from ..errors import ConfigError
 
+#: The values of ``bos``: ``auto`` follows what the model needs (a BOS token for Gemma, or
+#: where the model's tokenizer adds one; see :mod:`raretoken.models.bos`, which resolves it).
+BOS_CHOICES: tuple[str, ...] = ("auto", "none", "prepend")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "sampling": "until_rare",
@@ -93,7 +97,7 @@ class RunConfig:
     score_percentile: float = 25.0
     max_stream_tokens: int = 10_000_000
     reference_windows: int = 8
-    bos: str = "none"
+    bos: str = "auto"
     seed: int = 0
     # ablation
     method: str = "fast"
@@ -121,8 +125,10 @@ class RunConfig:
                 f"score_percentile ({self.score_percentile}) must be at least the split's "
                 f"percentile ({self.percentile}): every rare target of the split is scored"
             )
-        if self.bos not in ("none", "prepend"):
-            raise ConfigError("bos must be 'none' or 'prepend'")
+        if self.bos not in BOS_CHOICES:
+            raise ConfigError(
+                f"bos must be 'auto' (what the model needs), 'none' or 'prepend', got {self.bos!r}"
+            )
         if self.method not in ("fast", "exact", "naive"):
             raise ConfigError("method must be 'fast', 'exact' or 'naive'")
         if self.dtype not in ("float32", "float64", "bfloat16", "float16"):

@@ -32,10 +32,12 @@ from ..stats.regimes import (
     bootstrap_regimes,
     fit_regimes,
 )
+from ..storage import atomic_write_text
 from .config import RunConfig
 from .manifest import RunDirectory, now_iso
 from .outputs import write_identification
 from .stages import Stages, open_cache
+from .summary import IDENTIFICATION_SECTION, SUMMARY, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ def identify(
         t,
         key=sample_key,
         cached=st.cached["sampling"],
+        bos=st.bos.to_dict(),
         n_windows=sample.n_windows,
         n_rare_positions=len(rare_pos),
         n_common_positions=len(common_pos),
@@ -295,6 +298,13 @@ def identify(
 
     def write(run: RunDirectory) -> None:
         write_identification(result, run)
+        # summary.md: the identification's section (as write_identification wrote it), then
+        # those of the add-on stages that publish carried over from this configuration's run
+        (run.path / IDENTIFICATION_SECTION).parent.mkdir(exist_ok=True)
+        atomic_write_text(run.path / IDENTIFICATION_SECTION, (run.path / SUMMARY).read_text())
+        run.record_output("summary_identification", IDENTIFICATION_SECTION,
+                          "the identification's section of summary.md")  # fmt: skip
+        write_summary(run.path, stages=run.manifest["stages"])
         checkpoint("publish")
 
     RunDirectory.publish(

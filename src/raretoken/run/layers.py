@@ -16,15 +16,32 @@ screens every neuron (attribution patching) and runs the exact mean ablation for
 
 The final layer is not recomputed: its fit and Δloss are the run's own (``regimes.json``,
 ``neurons.parquet``; exact, closed form); only its linear screen is computed, to report the
-screen's quality against the exact Δloss of every neuron. Each layer's ablation is cached
+screen's quality against the exact Δloss of every neuron.
+
+With ``analyses=True`` (the default) the four analyses of the paper (§4.2–4.5) run on each
+layer's group — its plateau, or the top-k by the fitted values when it has none (the rule of
+the run's own analyses) — against ``n_random_groups`` size-matched random groups of the same
+layer, seeded per layer (run seed + 300 + layer): d_eff/N and MI-graph modularity on the
+layer's activations at the run's uniform sample of positions (captured for all layers in one
+forward pass), the Hill α of the layer's weights, and, opt-in (``layer_routing``: about 1.4
+forward passes of ``routing_windows`` windows per layer, so off by default), attention routing
+through the heads of blocks ``L - 1`` and ``L`` (:mod:`.layers_analyses`,
+:mod:`.layers_analyses_stage`). The final layer's row is the run's own
+``analyses/analyses.json`` when it exists (computed here otherwise). Settings follow the run's
+analyses (weights, positions, τ, MI bins, fallback k).
+
+Each layer's ablation, activations and analyses are cached
 (:class:`~raretoken.storage.ArrayCache`, stage ``"layers"``) under the run's sample and
 reference windows, the model, the dtype and device, the layer and the settings, so a rerun loads
 no model. Outputs (recorded in ``manifest.json`` as stage ``layers``): ``layers/layer_XX.json``,
-``layers/layers.csv``, ``layers/screen_quality.csv``, ``layers/summary.md`` (a section for
-``summary.md``), ``figures/depth.png`` / ``.svg``.
+``layers/layers.csv``, ``layers/screen_quality.csv``, with the analyses
+``layers/analyses_XX.json`` and ``layers/analyses.csv``, ``layers/summary.md`` (a section for
+``summary.md``), ``figures/depth.png`` / ``.svg`` (plateau size, κ, screen quality and the
+analyses' z against random groups per layer).
 
-Note: :func:`~raretoken.run.identify` republishes the whole run directory, so a later
-``identify``/``analyze_run_dir`` on the same directory drops ``layers/``: run this stage last.
+The stage's files survive a later ``identify``/``analyze_run_dir`` on the same directory while
+the identification they were computed from is unchanged (:mod:`.addons`); its section joins
+``summary.md`` (:mod:`.summary`).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +63,7 @@ from ..errors import ConfigError, RunDirectoryError
 from ..storage import ArrayCache, cache_key
 from .analysis_stage import config_of_run_dir
 from .config import RunConfig
+from .layers_analyses_stage import LAYER_ROUTING_MAX_WINDOWS, analyse_layers
 from .layers_outputs import write_layers
 from .layers_results import (
     LayerRegime,
@@ -56,6 +75,7 @@ from .layers_results import (
 from .manifest import RunDirectory
 from .outputs import read_json
 from .stages import Stages, open_cache, resolved_device
+from .summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +83,7 @@ __all__ = ["LayerRegime", "LayersResult", "RunInputs", "identify_layers", "parse
            "run_inputs"]  # fmt: skip
 
 #: Bump when what a layer's cached ablation holds changes.
-LAYERS_VERSION = 1
+LAYERS_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +143,9 @@ def _key_parts(inp: RunInputs, layer: int) -> dict[str, object]:
     cfg = inp.cfg
     return {
         "version": LAYERS_VERSION,
+        # the rare/common rows follow the token counts, which the windows' key need not hold
+        # (e.g. windows drawn without regard to rare tokens and scored everywhere)
+        "counts": inp.stages.counts_key(),
         "sample": inp.sample_key,
         "reference": inp.ref_key,
         "percentile": cfg.percentile,
@@ -158,6 +181,78 @@ def _check_count(name: str, v: int, low: int) -> int:
     return int(v)
 
 
+def refresh_after_analyses(
+    run_dir: Path | str,
+    analyses_key: str,
+    *,
+    cache_dir: Path | str | None = None,
+    no_cache: bool = False,
+    progress: bool = True,
+) -> bool:
+    """Bring the per-layer analyses' final-layer row up to date after new run analyses.
+
+    The per-layer stage takes the final layer's row from the run's ``analyses/``; when the
+    analyses are rerun with other options (their cache key ``analyses_key`` differs from the
+    one the stage recorded), the stage is rerun with its recorded settings: everything else
+    comes from the cache, so no model is loaded. Without a cache (``no_cache``) it is not
+    rerun, and a warning says so. Returns whether it ran.
+    """
+    run_dir = Path(run_dir)
+    info = (read_json(run_dir / "manifest.json").get("stages") or {}).get("layers")
+    if not isinstance(info, dict):
+        return False
+    settings = info.get("settings") or {}
+    ana = settings.get("analyses")
+    if ana is None or info.get("final_analyses_key") == analyses_key:
+        return False
+    if no_cache:
+        log.warning("%s: layers/ shows the final layer's row of the earlier analyses; rerun "
+                    "`raretoken run --layers ...` to update it", run_dir)  # fmt: skip
+        return False
+    log.info("per-layer stage: updating the final layer's row from the new analyses")
+    identify_layers(
+        run_dir, settings["layers"], top_k=settings["top_k"], n_random=settings["n_random"],
+        quality_k=settings["quality_k"], analyses=True, n_random_groups=ana["n_random"],
+        layer_routing=bool(ana["routing"]),
+        routing_windows=ana.get("routing_windows") or LAYER_ROUTING_MAX_WINDOWS,
+        cache_dir=cache_dir, no_cache=no_cache, progress=progress,
+    )  # fmt: skip
+    return True
+
+
+def check_layer_options(
+    cfg: RunConfig | None,
+    *,
+    top_k: int = 100,
+    n_random: int = 100,
+    quality_k: int = 50,
+    analyses: bool = True,
+    n_random_groups: int | None = None,
+    routing_windows: int = LAYER_ROUTING_MAX_WINDOWS,
+) -> tuple[int, int, int, int, int]:
+    """The per-layer stage's counts, checked (one-line :class:`ConfigError`) before any work:
+    ``(top_k, n_random, quality_k, n_random_groups, routing_windows)``, the random groups
+    defaulting to the run's ``n_random_groups`` (``cfg``; ``None``: the arguments alone are
+    checked, and the default is returned as 0)."""
+    top_k = _check_count("top_k", top_k, 0)
+    n_random = _check_count("n_random", n_random, 0)
+    quality_k = _check_count("quality_k", quality_k, 1)
+    if top_k + n_random == 0:
+        raise ConfigError("top_k + n_random must be >= 1: no neuron would be run exactly")
+    if n_random_groups is not None:
+        n_random_groups = _check_count("n_random_groups", n_random_groups, 2)
+    routing_windows = _check_count("routing_windows", routing_windows, 2)
+    if cfg is None:
+        return top_k, n_random, quality_k, n_random_groups or 0, routing_windows
+    n_groups = cfg.n_random_groups if n_random_groups is None else n_random_groups
+    if analyses and n_groups < 2:
+        raise ConfigError(
+            f"the per-layer analyses need n_random_groups >= 2 random groups, the run has "
+            f"{n_groups}: pass n_random_groups (--layer-n-random) or analyses=False"
+        )
+    return top_k, n_random, quality_k, n_groups, routing_windows
+
+
 def identify_layers(
     run_dir: Path | str,
     layers: str | int | Sequence[int] = "all",
@@ -165,6 +260,10 @@ def identify_layers(
     top_k: int = 100,
     n_random: int = 100,
     quality_k: int = 50,
+    analyses: bool = True,
+    n_random_groups: int | None = None,
+    layer_routing: bool = False,
+    routing_windows: int = LAYER_ROUTING_MAX_WINDOWS,
     cache_dir: Path | str | None = None,
     no_cache: bool = False,
     progress: bool = True,
@@ -182,22 +281,28 @@ def identify_layers(
     top_k, n_random, quality_k:
         See :func:`~raretoken.ablation.layer.layer_ablation`; ``top_k >= d_mlp`` runs every
         neuron exactly (and the fit uses exact values).
+    analyses:
+        Also run the four analyses on each layer's group (:mod:`.layers_analyses`).
+    n_random_groups:
+        Size-matched random groups per analysis baseline (>= 2; default the run's
+        ``n_random_groups``).
+    layer_routing:
+        Also run attention routing per layer (opt-in: costly on a CPU; the final layer's
+        routing is the run's), on ``routing_windows`` (>= 2) seeded windows of the sample.
     cache_dir, no_cache, progress:
         As for :func:`~raretoken.run.identify`.
     """
     run_dir = Path(run_dir)
-    top_k = _check_count("top_k", top_k, 0)
-    n_random = _check_count("n_random", n_random, 0)
-    quality_k = _check_count("quality_k", quality_k, 1)
-    if top_k + n_random == 0:
-        raise ConfigError("top_k + n_random must be >= 1: no neuron would be run exactly")
+    opts: dict[str, Any] = {"top_k": top_k, "n_random": n_random, "quality_k": quality_k, "analyses": analyses,
+            "n_random_groups": n_random_groups, "routing_windows": routing_windows}  # fmt: skip
+    check_layer_options(None, **opts)  # the arguments, before the run directory is read
     cfg = _config(run_dir)
+    top_k, n_random, quality_k, n_groups, routing_windows = check_layer_options(cfg, **opts)
     run = RunDirectory.open_existing(run_dir, cfg.to_dict())
     cache = open_cache(cache_dir, no_cache)
     st = Stages(cfg, cache, progress=progress)
     wanted = parse_layers(layers, _n_layers(run_dir, st))  # before any model work
     t0 = time.perf_counter()
-    prev = run.manifest.get("status")
     run.begin("layers")
     try:
         inp = run_inputs(run_dir, cache, progress=progress)
@@ -237,23 +342,37 @@ def identify_layers(
             else regime_of_ablation(ablations[li])
             for li in wanted
         )
+        lay = None
+        if analyses:
+            parts = {r.layer: _key_parts(inp, r.layer) for r in regimes}
+            lay = analyse_layers(inp, run_dir, regimes, parts, n_random=n_groups,
+                                 routing=layer_routing, routing_windows=routing_windows)  # fmt: skip
         settings = {"layers": wanted, "top_k": top_k, "n_random": n_random,
                     "quality_k": quality_k, "seed": f"{cfg.seed} + 100 + layer",
-                    "regime_fit": "fit_regimes defaults (as the run)"}  # fmt: skip
-        written = write_layers(run_dir, regimes, settings)
+                    "regime_fit": "fit_regimes defaults (as the run)",
+                    "analyses": None if lay is None else lay.settings}  # fmt: skip
+        written = write_layers(run_dir, regimes, settings,
+                               analyses=None if lay is None else lay.layers)  # fmt: skip
         run.replace_outputs("layers:", written)
     except BaseException as exc:
         run.stop("layers", exc)
+        write_summary(run_dir)  # without the section of a stage that did not finish
         raise
     run.end(
         "layers",
-        prev if prev in ("identified", "complete") else "identified",
+        run.settled_status(),
         seconds=round(time.perf_counter() - t0, 3),
         keys={str(li): k for li, k in keys.items()},
         cached_layers=list(cached),
+        cached_analyses=[] if lay is None else list(lay.cached),
         settings=settings,
+        # the final layer's row of the analyses is the run's own: which analyses it was
+        final_analyses_key=(run.manifest.get("stages") or {}).get("analyses", {}).get("key"),
     )
-    return LayersResult(run_dir, regimes, settings, written, cached)
+    write_summary(run_dir)
+    return LayersResult(run_dir, regimes, settings, written, cached,
+                        analyses=() if lay is None else lay.layers,
+                        cached_analyses=() if lay is None else lay.cached)  # fmt: skip
 
 
 def _compute(

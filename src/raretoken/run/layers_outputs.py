@@ -1,4 +1,4 @@
-"""Files of the per-layer stage (:mod:`.layers`): per-layer JSON, two tables, the depth figure.
+"""Files of the per-layer stage (:mod:`.layers`): per-layer JSON, tables, the depth figure.
 
 Every file is written atomically; the figure is drawn from the table written beside it
 (:class:`~raretoken.plotting.depth.DepthDisplay`), so it shows what the stored results say.
@@ -15,6 +15,7 @@ from ..storage import atomic_write_json, atomic_write_text
 from .outputs import write_csv
 
 if TYPE_CHECKING:
+    from .layers_analyses import LayerAnalyses
     from .layers_results import LayerRegime
 
 LAYERS_DIR = "layers"
@@ -96,8 +97,93 @@ def layers_summary(regimes: Sequence[LayerRegime]) -> str:
     return "\n".join(lines)
 
 
+#: Columns of ``layers/analyses.csv`` (:meth:`~.layers_analyses.LayerAnalyses.row`).
+ANALYSES_FIELDS = (
+    "layer", "source", "group", "definition", "fallback", "group_size", "n_random",
+    "n_positions", "d_eff_ratio", "d_eff_ratio_random", "z_d_eff", "p_d_eff", "modularity_q",
+    "modularity_q_random", "z_q", "p_q", "alpha_tail_hill", "alpha_tail_hill_random", "z_alpha",
+    "p_alpha", "routing_windows", "gini_rare", "gini_common", "gini_diff", "p_gini",
+    "max_single_impact", "layer_impact", "impact_diff", "p_single_vs_layer",
+    "verdict_coordination", "verdict_spatial", "verdict_routing", "verdict_spectra", "errors",
+)  # fmt: skip
+
+
+def analyses_file(layer: int) -> str:
+    return f"{LAYERS_DIR}/analyses_{layer:02d}.json"
+
+
+def analyses_table(analyses: Sequence[LayerAnalyses]) -> dict[str, list[Any]]:
+    """The columns of ``analyses.csv``: one row per layer (missing values: ``""``)."""
+    cols: dict[str, list[Any]] = {n: [] for n in ANALYSES_FIELDS}
+    for a in analyses:
+        row = a.row()
+        for n in ANALYSES_FIELDS:
+            v = row[n]
+            cols[n].append("" if v is None else v)
+    return cols
+
+
+def _num(v: Any, f: str = ".3f") -> str:
+    if v is None or v == "":
+        return "–"
+    x = float(v)
+    return "–" if not math.isfinite(x) else format(x, f)
+
+
+def _vs(row: dict[str, Any], obs: str, rnd: str, p: str) -> str:
+    if row[obs] is None:
+        return "–"
+    return f"{_num(row[obs])} vs {_num(row[rnd])} (p {_num(row[p], '.3g')})"
+
+
+def analyses_summary(analyses: Sequence[LayerAnalyses], settings: dict[str, Any]) -> str:
+    """A ``summary.md`` subsection: the four analyses per layer against random groups."""
+    n_random = sorted({a.n_random for a in analyses})
+    lines = [
+        "### The four analyses per layer",
+        "",
+        f"Each layer's group (its plateau, or the top-k when there is none) against "
+        f"{', '.join(map(str, n_random))} size-matched random groups of the same layer: d_eff/N "
+        "(one-sided, lower), modularity Q (one-sided, higher), Hill α of the "
+        f"{settings.get('weight_name', 'out')!r} weights (one-sided, lower); routing: attention "
+        "Gini rare − common (paired t across heads) and largest single-head − whole-layer "
+        "impact (paired permutation). " + str(settings.get("routing_note", "")) + ".",
+        "",
+        "| layer | group | d_eff/N vs random | Q vs random | α_Hill vs random | "
+        "Gini rare − common | single − layer impact | source |",
+        "|---:|---|---|---|---|---|---|---|",
+    ]
+    for a in analyses:
+        r = a.row()
+        group = f"{r['group']} ({r['group_size']})" + (" †" if r["fallback"] else "")
+        gini = (
+            "–"
+            if r["gini_diff"] is None
+            else f"{_num(r['gini_diff'])} (p {_num(r['p_gini'], '.3g')})"
+        )
+        imp = ("–" if r["impact_diff"] is None
+               else f"{_num(r['impact_diff'])} (p {_num(r['p_single_vs_layer'], '.3g')})")  # fmt: skip
+        src = "run's analyses" if a.source == "run" else "per-layer"
+        lines.append(
+            f"| {a.layer} | {group} | {_vs(r, 'd_eff_ratio', 'd_eff_ratio_random', 'p_d_eff')} | "
+            f"{_vs(r, 'modularity_q', 'modularity_q_random', 'p_q')} | "
+            f"{_vs(r, 'alpha_tail_hill', 'alpha_tail_hill_random', 'p_alpha')} | {gini} | "
+            f"{imp} | {src} |"
+        )
+    errs = [f"layer {a.layer}: {a.row()['errors']}" for a in analyses if a.row()["errors"]]
+    lines += ["", "† no plateau of two or more neurons: the top-k group (the rule of the run's "
+              "analyses). Table: `layers/analyses.csv`; every result: `layers/analyses_XX.json`."]  # fmt: skip
+    if errs:
+        lines += ["", "Not computed: " + "; ".join(errs) + "."]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def write_layers(
-    run_dir: Path, regimes: Sequence[LayerRegime], settings: dict[str, Any]
+    run_dir: Path,
+    regimes: Sequence[LayerRegime],
+    settings: dict[str, Any],
+    analyses: Sequence[LayerAnalyses] | None = None,
 ) -> dict[str, str]:
     """Write the stage's files into ``run_dir``; return ``{relpath: description}``."""
     from ..plotting.depth import DepthDisplay
@@ -121,12 +207,33 @@ def write_layers(
         "screen vs exact per layer and target set: Spearman (all exact / random sample), "
         "recall, estimated missed neurons"
     )
-    atomic_write_text(run_dir / LAYERS_DIR / "summary.md", layers_summary(regimes))
+    summary = layers_summary(regimes)
+    acols = None
+    if analyses:
+        an_settings = dict(settings.get("analyses") or {})
+        for a in analyses:
+            rel = analyses_file(a.layer)
+            atomic_write_json(run_dir / rel, dict(a.to_dict(), settings=an_settings))
+            how = "the run's own" if a.source == "run" else "per-layer"
+            written[rel] = f"layer {a.layer}: the four analyses of its group vs random ({how})"
+        acols = analyses_table(analyses)
+        write_csv(run_dir / LAYERS_DIR / "analyses.csv", acols)
+        written[f"{LAYERS_DIR}/analyses.csv"] = (
+            "one row per layer: group, d_eff/N, modularity Q, Hill α vs random groups (value, "
+            "random mean, z, p), routing Gini and impact differences when run, verdicts"
+        )
+        summary += "\n" + analyses_summary(analyses, an_settings)
+    atomic_write_text(run_dir / LAYERS_DIR / "summary.md", summary)
     written[f"{LAYERS_DIR}/summary.md"] = "per-layer findings as a summary.md section"
-    DepthDisplay.from_columns(table).plot().savefig(run_dir / DEPTH_FIGURE)
+    DepthDisplay.from_columns(table, analyses=acols).plot().savefig(run_dir / DEPTH_FIGURE)
     for ext in ("png", "svg"):
         written[f"{DEPTH_FIGURE}.{ext}"] = (
             "plateau size, κ and screen quality against MLP layer (exact and screen fits "
             "drawn apart)"
+            + (
+                ""
+                if acols is None
+                else "; the analyses' z against random groups (filled: p < 0.05)"
+            )
         )
     return written

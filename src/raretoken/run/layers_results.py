@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,6 +19,9 @@ from ..ablation.layer import LayerAblation, screen_quality
 from ..errors import ConfigError, RareTokenError
 from ..stats.regimes import RegimeFit, fit_regimes
 from .outputs import read_json
+
+if TYPE_CHECKING:
+    from .layers_analyses import LayerAnalyses
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +147,21 @@ class LayersResult:
     written: dict[str, str]
     #: layers whose ablation came from the cache (the final layer never counts)
     cached_layers: tuple[int, ...] = ()
+    #: the four analyses per layer (:mod:`.layers_analyses`), when run
+    analyses: tuple[LayerAnalyses, ...] = ()
+    #: layers whose analyses came from the cache (the run's own final layer never counts)
+    cached_analyses: tuple[int, ...] = ()
 
     def by_layer(self, layer: int) -> LayerRegime:
         for r in self.layers:
             if r.layer == layer:
                 return r
+        raise KeyError(layer)
+
+    def analyses_of(self, layer: int) -> LayerAnalyses:
+        for a in self.analyses:
+            if a.layer == layer:
+                return a
         raise KeyError(layer)
 
 

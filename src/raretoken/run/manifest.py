@@ -8,6 +8,14 @@ Life of a run directory
     run's files: an overwritten run leaves nothing of the earlier one behind, and a run killed
     while writing leaves the previous directory as it was.
 
+Add-on stages
+    Stages that extend a finished identification in place (:data:`ADDON_STAGES`: the
+    per-layer identification ``layers``, the ``interventions``) record, when they end, the
+    identification keys they were computed from (``basis``). Republishing the same run (same
+    configuration, e.g. ``raretoken analyze`` or a rerun of ``raretoken run``) carries their
+    files, ``stages`` and ``outputs`` entries into the new directory while those keys are
+    unchanged, and drops them with a warning otherwise.
+
 Status (``manifest["status"]``) says what has really finished
     ``identified``
         identification finished (all its stages are in ``stages``); no analyses yet.
@@ -41,6 +49,7 @@ from .. import __version__
 from ..errors import RunDirectoryError, StorageError
 from ..storage import atomic_write_json, cache_key, ensure_writable_dir
 from ..storage.stale import is_stale, owner_tag, pid_alive
+from .addons import ADDON_STAGES, carry_addons, identification_basis
 
 MANIFEST = "manifest.json"
 #: Version of the manifest's layout; a run directory of another version is refused.
@@ -199,7 +208,16 @@ class RunDirectory:
         info: Mapping[str, Any] | None = None,
         overwrite: bool = False,
     ) -> RunDirectory:
-        """Write a run's files with ``write`` into a staging directory, then swap it in."""
+        """Write a run's files with ``write`` into a staging directory, then swap it in.
+
+        When ``path`` holds the same run (same configuration and manifest schema), the
+        results of its add-on stages (:data:`ADDON_STAGES`: their files, ``stages`` entries
+        and ``outputs`` entries) are copied into the staging directory before ``write`` runs,
+        if they were computed from this identification: the keys recorded in the stage's
+        ``basis`` (:func:`identification_basis`, stored by :meth:`end`) equal those of
+        ``stages``. An add-on computed from other windows or another capture is dropped with
+        a warning. Anything else of the old directory (e.g. the analyses) is not carried.
+        """
         path = Path(path)
         cls.preflight(path, config, overwrite=overwrite)
         old = _read_manifest(path) or {}
@@ -228,6 +246,8 @@ class RunDirectory:
             **dict(info or {}),
         }
         try:
+            if same:
+                carry_addons(path, old, run)
             write(run)
             run.save()
             if path.exists():
@@ -280,17 +300,44 @@ class RunDirectory:
         self.save()
 
     def end(self, stage: str, status: str, **info: Any) -> None:
-        """Record ``stage`` as finished and the run's status as ``status``."""
+        """Record ``stage`` as finished and the run's status as ``status``.
+
+        An add-on stage (:data:`ADDON_STAGES`) also records, as ``basis``, the keys of the
+        identification it was computed from (unless ``info`` gives one): what
+        :meth:`publish` checks before carrying its results into a republished run.
+        """
+        if stage in ADDON_STAGES:
+            if "basis" not in info:
+                info["basis"] = identification_basis(self.manifest.get("stages") or {})
+            status = self.settled_status()
         self.manifest.pop("running", None)
         self.manifest.setdefault("stages", {})[stage] = dict(info, finished=now_iso())
         self.manifest["status"] = status
         self.save()
 
+    def settled_status(self) -> str:
+        """What the finished stages make of the run: ``complete`` with the analyses, else
+        ``identified`` (the status an add-on stage leaves behind, finished or not)."""
+        return "complete" if "analyses" in (self.manifest.get("stages") or {}) else "identified"
+
     def stop(self, stage: str, exc: BaseException) -> None:
-        """Record that ``stage`` stopped: ``interrupted`` (Ctrl-C) or ``failed``."""
+        """Record that ``stage`` stopped: ``interrupted`` (Ctrl-C) or ``failed``.
+
+        An add-on stage (:data:`ADDON_STAGES`) that stops leaves the run as its finished
+        stages make it (:meth:`settled_status`): the error is recorded, with the stage's name,
+        but the identification and analyses before it are still whole and usable. Its files
+        stay registered (the next run of the stage replaces them) but, with no finished stage
+        recorded, neither ``summary.md`` nor the report shows them.
+        """
         self.manifest.pop("running", None)
         interrupted = isinstance(exc, KeyboardInterrupt)
-        self.manifest["status"] = "interrupted" if interrupted else "failed"
+        self.manifest["status"] = (
+            self.settled_status()
+            if stage in ADDON_STAGES
+            else "interrupted"
+            if interrupted
+            else "failed"
+        )
         self.manifest["error"] = {
             "stage": stage,
             "type": type(exc).__name__,

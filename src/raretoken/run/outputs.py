@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
 from ..analyses.groups import default_topk
+from ..models.bos import BosChoice
 from ..plotting.covariates import CovariatesDisplay
 from ..plotting.frequency import FrequencyDisplay
 from ..plotting.rank_curve import RankCurveDisplay
@@ -169,6 +170,7 @@ def identification_summary(res: Identification) -> str:
         f"- Rare = the {sp.percentile:g}th percentile of retained types (count ≤ {sp.rare_max_count}): "
         f"{sp.n_rare:,} rare and {sp.n_common:,} common types.",
         *_scoring_lines(res),
+        _bos_line(res),
         "",
         "## Final-layer neurons (mean ablation, eq. 2–3)",
     ]
@@ -224,6 +226,19 @@ def _covariate_lines(res: Identification, top: int = 3) -> list[str]:
         + ", ".join(f"{k} (Spearman ρ {rho[k]:+.2f})" for k in best)
         + "."
     ]
+
+
+def _bos_line(res: Identification) -> str:
+    """The windows' BOS policy and why (``auto``: what the model needs), with its warning."""
+    choice = getattr(res.stages, "bos", None)
+    if not isinstance(choice, BosChoice) or choice.policy != res.sample.bos_policy:
+        # no resolution at hand (or a sample drawn otherwise): say what the windows hold
+        policy = res.sample.bos_policy
+        return f"- BOS: {'prepended to every window' if policy == 'prepend' else 'none'}."
+    line = f"- BOS: {choice.describe()}."
+    if choice.warning is not None:
+        line += f" **Warning**: {choice.warning}."
+    return line
 
 
 def _scoring_lines(res: Identification) -> list[str]:

@@ -9,7 +9,9 @@ weights: their keys hold the tokenizer's content (:func:`~raretoken.models.loadi
 tokenizer_identity`) instead of the model's identity, and they are computed with the tokenizer
 alone (:func:`~raretoken.models.loading.load_tokenizer`). All checkpoints and sizes sharing a
 tokenizer therefore count once and score the same positions; everything from the forward
-passes on is keyed by the model.
+passes on is keyed by the model. The windows' BOS policy is the run's ``bos`` setting resolved
+for the model (:attr:`Stages.bos`; ``auto`` follows what the model needs, see
+:mod:`raretoken.models.bos`), and their key holds the resolved policy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ..data.scoring import score_rare_and_sample
 from ..data.token_stats import FrequencySplit, TokenCounts, count_tokens, split_rare_common
 from ..errors import TokenizerMismatchError
 from ..models.adapters import ModelAdapter
+from ..models.bos import BosChoice, resolve_bos
 from ..models.loading import (
     LoadedModel,
     LoadedTokenizer,
@@ -68,8 +71,9 @@ log = logging.getLogger(__name__)
 
 #: Version of the covariates stage's output (part of its cache key).
 COVARIATES_VERSION = 1
-#: Version of the tokenizer-info entry (part of its cache key).
-TOKENIZER_INFO_VERSION = 1
+#: Version of the tokenizer-info entry (part of its cache key). 2: the model type and the
+#: tokenizer's BOS token (for the ``auto`` BOS policy).
+TOKENIZER_INFO_VERSION = 2
 
 DTYPES = {
     "float32": torch.float32,
@@ -209,6 +213,19 @@ class Stages:
             self._tokenizer_only = load_tokenizer(model_spec(self.cfg))
         return self._tokenizer_only
 
+    @cached_property
+    def bos(self) -> BosChoice:
+        """The BOS policy the windows are drawn with: the run's ``bos`` setting resolved for
+        this model (``auto``: what the model needs; :func:`~raretoken.models.bos.resolve_bos`),
+        read from the tokenizer info (no weights). Logged once; a family that requires a BOS
+        token run without one is warned."""
+        choice = resolve_bos(self.cfg.bos, self.tokenizer_info, source=self.cfg.model)
+        if choice.warning is not None:
+            log.warning("%s", choice.warning)
+        else:
+            log.info("BOS: %s", choice.describe())
+        return choice
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer: the loaded model's, else loaded alone (no weights read)."""
@@ -314,7 +331,7 @@ class Stages:
             "corpus": self.context_corpus_id,
             "shared_split": self._split_key,
             "window_len": cfg.window_len,
-            "bos": cfg.bos,
+            "bos": self.bos.policy,  # resolved: a run whose "auto" means "none" keeps its key
             "seed": cfg.seed,
             "max_stream_tokens": cfg.max_stream_tokens,
             "kind": kind,
@@ -373,8 +390,9 @@ class Stages:
         main_key = self._sample_key("main", split)
         ref_key = self._sample_key("reference", split) + main_key[:8]
         max_context = self.tokenizer_info.max_positions
+        bos = self.bos.policy
         # the windows are shared by every model with this tokenizer: check this model's context
-        check_window_settings(window_len=cfg.window_len, bos_policy=cfg.bos,
+        check_window_settings(window_len=cfg.window_len, bos_policy=bos,
                               max_context=max_context, max_tokens=cfg.max_stream_tokens)  # fmt: skip
         main_hit = self.cache.load("sample", main_key)
         if main_hit is not None:
@@ -382,7 +400,7 @@ class Stages:
         else:
             common: dict[str, Any] = {
                 "window_len": cfg.window_len,
-                "bos_policy": cfg.bos,
+                "bos_policy": bos,
                 "seed": cfg.seed,
                 "max_context": max_context,
                 "max_tokens": cfg.max_stream_tokens,
@@ -408,7 +426,7 @@ class Stages:
                 self.tokenizer,
                 n_windows=cfg.reference_windows,
                 window_len=cfg.window_len,
-                bos_policy=cfg.bos,  # type: ignore[arg-type]
+                bos_policy=bos,  # type: ignore[arg-type]
                 seed=cfg.seed + 1,
                 max_context=max_context,
                 max_tokens=cfg.max_stream_tokens,
