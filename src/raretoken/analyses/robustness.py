@@ -250,12 +250,70 @@ def analyses_for_split(
     rare = np.asarray(rare_positions, dtype=np.int64)
     common = np.asarray(common_positions, dtype=np.int64)
     acts = ident.acts
-    n_neurons = int(acts.shape[1])
+    rows = acts[ident.uniform_positions] if coordination_positions == "all" else acts[rare]
+
+    def route(ids: np.ndarray, rng: np.random.Generator) -> RoutingResult:
+        assert routing is not None
+        return routing_analysis(
+            routing.gini(), routing.ablation(ids), rare, common, seed=rng,
+            group_name=group.name, impact_positions=impact_positions, n_random=n_random,
+            uniform_positions=ident.uniform_positions, ablation_rows=routing.rows,
+        )  # fmt: skip
+
+    return four_analyses(
+        rows,
+        group,
+        lambda: (
+            layer_weights(ident.stages.loaded.adapter, weight_name) if weights is None else weights
+        ),
+        n_neurons=int(acts.shape[1]),
+        n_random=n_random,
+        seed=seed,
+        weight_name=weight_name,
+        routing=route if routing is not None else None,
+        coordination_positions=coordination_positions,
+        tau=tau,
+        mi_bins=mi_bins,
+        label=label or group.name,
+        percentile=percentile,
+        n_rare_positions=int(rare.size),
+        n_common_positions=int(common.size),
+        strict=strict,
+    )
+
+
+def four_analyses(
+    rows: np.ndarray,
+    group: NeuronGroup,
+    weights: Callable[[], np.ndarray],
+    *,
+    n_neurons: int,
+    n_random: int,
+    seed: int,
+    weight_name: str = "out",
+    routing: Callable[[np.ndarray, np.random.Generator], RoutingResult] | None = None,
+    coordination_positions: str = "all",
+    tau: float = 0.95,
+    mi_bins: int | None = None,
+    label: str,
+    percentile: float | None = None,
+    n_rare_positions: int = 0,
+    n_common_positions: int = 0,
+    strict: bool = True,
+) -> SplitAnalyses:
+    """The four analyses of ``group`` against ``n_random`` size-matched random groups.
+
+    The core of :func:`analyses_for_split` (the final layer of a run) and of the per-layer
+    analyses (:mod:`raretoken.run.layers_analyses`): d_eff and the MI graph on ``rows``
+    (activations, positions × ``n_neurons``), spectra on ``weights()`` (read only when
+    needed), routing by ``routing(ids, rng)`` when given. Seeds: ``seed`` spawns the random
+    groups', the MI estimator's and routing's generators, in that order. With ``strict`` the
+    first failing analysis raises; otherwise its error is recorded and the others run.
+    """
     ss_groups, ss_spatial, ss_routing = np.random.SeedSequence(seed).spawn(3)
     rgroups = random_control_groups(
         group, n_neurons, n_random, seed=np.random.default_rng(ss_groups)
     )
-    rows = acts[ident.uniform_positions] if coordination_positions == "all" else acts[rare]
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
 
@@ -266,66 +324,30 @@ def analyses_for_split(
         except RareTokenError as err:
             if strict:
                 raise
-            logger.warning("%s: %s skipped: %s", label or group.name, name, err)
-            errors[name] = str(err)
+            logger.warning("%s: %s skipped: %s", label, name, err)
+            errors[name] = str(err).splitlines()[0] if str(err) else type(err).__name__
             return None
         finally:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
-    coord = attempt(
-        "coordination",
-        lambda: coordination_analysis(
-            rows,
-            group.neuron_ids,
-            rgroups,
-            group_name=group.name,
-            threshold=tau,
-            positions=coordination_positions,
-        ),
-    )
-    spat = attempt(
-        "spatial",
-        lambda: spatial_analysis(
-            rows,
-            group.neuron_ids,
-            rgroups,
-            seed=np.random.default_rng(ss_spatial),
-            group_name=group.name,
-            bins=mi_bins,
-        ),
-    )
-
-    def spectra() -> SpectraResult:
-        w = layer_weights(ident.stages.loaded.adapter, weight_name) if weights is None else weights
-        return spectra_analysis(
-            w, group.neuron_ids, rgroups, group_name=group.name, weight_name=weight_name
-        )
-
-    spec = attempt("spectra", spectra)
+    ids, name = group.neuron_ids, group.name
+    coord = attempt("coordination", lambda: coordination_analysis(
+        rows, ids, rgroups, group_name=name, threshold=tau, positions=coordination_positions))  # fmt: skip
+    spat = attempt("spatial", lambda: spatial_analysis(
+        rows, ids, rgroups, seed=np.random.default_rng(ss_spatial), group_name=name,
+        bins=mi_bins))  # fmt: skip
+    spec = attempt("spectra", lambda: spectra_analysis(
+        weights(), ids, rgroups, group_name=name, weight_name=weight_name))  # fmt: skip
     rout: RoutingResult | None = None
     if routing is not None:
-        ctx = routing
-        rout = attempt(
-            "routing",
-            lambda: routing_analysis(
-                ctx.gini(),
-                ctx.ablation(group.neuron_ids),
-                rare,
-                common,
-                seed=np.random.default_rng(ss_routing),
-                group_name=group.name,
-                impact_positions=impact_positions,
-                n_random=n_random,
-                uniform_positions=ident.uniform_positions,
-                ablation_rows=ctx.rows,
-            ),
-        )
+        route = routing
+        rout = attempt("routing", lambda: route(ids, np.random.default_rng(ss_routing)))
     return SplitAnalyses(
-        label=label or group.name,
+        label=label,
         percentile=percentile,
         group=group,
-        n_rare_positions=int(rare.size),
-        n_common_positions=int(common.size),
+        n_rare_positions=int(n_rare_positions),
+        n_common_positions=int(n_common_positions),
         random_groups=frozen(rgroups),
         coordination=coord,
         spatial=spat,

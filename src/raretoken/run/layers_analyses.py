@@ -29,29 +29,24 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..analyses._tables import frozen
-from ..analyses.coordination import coordination_analysis
-from ..analyses.groups import NeuronGroup, default_topk, random_control_groups, topk_neurons
-from ..analyses.robustness import SplitAnalyses
+from ..analyses.groups import NeuronGroup, default_topk, topk_neurons
+from ..analyses.robustness import SplitAnalyses, four_analyses
 from ..analyses.routing import RoutingResult, routing_analysis
 from ..analyses.routing_runs import RoutingContext
-from ..analyses.spatial import spatial_analysis
-from ..analyses.spectra import spectra_analysis
-from ..errors import ConfigError, RareTokenError
+from ..errors import ConfigError
 from .layers_results import LayerRegime
 from .outputs import read_json
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 __all__ = [
     "ANALYSES_FILE",
@@ -257,62 +252,24 @@ def analyses_of_layer(
         raise ConfigError(
             f"acts (n_positions, d_mlp) and weights (d_mlp, d) disagree: {a.shape}, {w.shape}"
         )
-    ss_groups, ss_spatial, ss_routing = np.random.SeedSequence(int(seed)).spawn(3)
-    rgroups = random_control_groups(
-        group, a.shape[1], int(n_random), seed=np.random.default_rng(ss_groups)
-    )
-    errors: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-
-    def attempt(name: str, fn: Callable[[], T]) -> T | None:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        except RareTokenError as err:
-            log.warning("layer %d: %s skipped: %s", layer, name, err)
-            errors[name] = str(err).splitlines()[0]
-            return None
-        finally:
-            seconds[name] = round(time.perf_counter() - t0, 3)
-
-    ids, name = group.neuron_ids, group.name
-    coord = attempt(
-        "coordination",
-        lambda: coordination_analysis(
-            a, ids, rgroups, group_name=name, threshold=tau, positions=coordination_positions
-        ),
-    )
-    spat = attempt(
-        "spatial",
-        lambda: spatial_analysis(
-            a, ids, rgroups, seed=np.random.default_rng(ss_spatial), group_name=name, bins=mi_bins
-        ),
-    )
-    spec = attempt("spectra", lambda: spectra_analysis(
-        w, ids, rgroups, group_name=name, weight_name=weight_name))  # fmt: skip
-    rout: RoutingResult | None = None
+    rout: Callable[[np.ndarray, np.random.Generator], RoutingResult] | None = None
     if routing is not None:
         r = routing
-        rout = attempt("routing", lambda: routing_analysis(
-            r.context.gini(), r.context.ablation(ids), r.rare, r.common,
-            seed=np.random.default_rng(ss_routing), group_name=name,
-            impact_positions=impact_positions, n_random=int(n_random),
-            uniform_positions=r.uniform,
-        ))  # fmt: skip
-    res = SplitAnalyses(
-        label=f"layer {layer}",
-        percentile=percentile,
-        group=group,
-        n_rare_positions=int(n_rare_positions),
-        n_common_positions=int(n_common_positions),
-        random_groups=frozen(rgroups),
-        coordination=coord,
-        spatial=spat,
-        spectra=spec,
-        routing=rout,
-        errors=errors,
-        seconds=seconds,
-    )
+
+        def rout(ids: np.ndarray, rng: np.random.Generator) -> RoutingResult:
+            return routing_analysis(
+                r.context.gini(), r.context.ablation(ids), r.rare, r.common, seed=rng,
+                group_name=group.name, impact_positions=impact_positions,
+                n_random=int(n_random), uniform_positions=r.uniform,
+            )  # fmt: skip
+
+    res = four_analyses(
+        a, group, lambda: w, n_neurons=int(a.shape[1]), n_random=int(n_random), seed=int(seed),
+        weight_name=weight_name, routing=rout, coordination_positions=coordination_positions,
+        tau=tau, mi_bins=mi_bins, label=f"layer {layer}", percentile=percentile,
+        n_rare_positions=int(n_rare_positions), n_common_positions=int(n_common_positions),
+        strict=False,
+    )  # fmt: skip
     return LayerAnalyses(
         layer=int(layer),
         source="layers",
