@@ -14,6 +14,7 @@ import torch
 import raretoken.run.stages as stages_mod
 from pipeline_fixtures import tiny_overrides, tiny_setup
 from raretoken.ablation.capture import Capture, capture_sample
+from raretoken.ablation.chunks import ablation_chunks, method_step
 from raretoken.ablation.exact import delta_loss_exact
 from raretoken.ablation.fast import delta_loss_fast
 from raretoken.ablation.inputs import inputs_from_adapter
@@ -25,7 +26,7 @@ from raretoken.models.adapters import adapter_for
 from raretoken.models.hooks import capture_input
 from raretoken.run import identify, make_config
 from raretoken.run.identification import _column_mean, _neuron_table
-from raretoken.run.stages import Stages, ablation_chunks, method_step
+from raretoken.run.stages import Stages
 from raretoken.stats.regimes import ColumnSum, RowChunks, bootstrap_regimes
 from raretoken.storage import ArrayCache
 from tiny import tiny_model
