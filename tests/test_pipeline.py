@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import raretoken.ablation.chunks as chunks_mod
 import raretoken.run.stages as stages_mod
 from pipeline_fixtures import tiny_overrides, tiny_setup
 from raretoken.errors import ConfigError, RunDirectoryError
@@ -61,7 +62,7 @@ def test_rerun_reuses_the_cache(
         raise AssertionError("recomputed a cached stage")
 
     monkeypatch.setattr(stages_mod, "load_model", boom)
-    monkeypatch.setattr(stages_mod, "delta_loss_fast", boom)
+    monkeypatch.setattr(chunks_mod, "delta_loss_fast", boom)
     again = identify(cfg, root / "run2", cache_dir=root / "cache", progress=False)
     assert np.array_equal(first.delta, again.delta)
     assert np.array_equal(first.rare_fit.plateau_neurons, again.rare_fit.plateau_neurons)
@@ -76,13 +77,13 @@ def test_changed_setting_is_not_served_stale(
         make_config(overrides=base), root / "run3a", cache_dir=root / "cache", progress=False
     )
     calls = []
-    real = stages_mod.delta_loss_fast
+    real = chunks_mod.delta_loss_fast
 
     def spy(*args: object, **kw: object):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(stages_mod, "delta_loss_fast", spy)
+    monkeypatch.setattr(chunks_mod, "delta_loss_fast", spy)
     b = identify(
         make_config(overrides=dict(base, seed=7)),
         root / "run3b",
@@ -111,7 +112,7 @@ def test_interrupted_stage_leaves_nothing_trusted(
     def interrupted(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages_mod, "delta_loss_fast", interrupted)
+    monkeypatch.setattr(chunks_mod, "delta_loss_fast", interrupted)
     with pytest.raises(KeyboardInterrupt):
         identify(cfg, root / "run5", cache_dir=root / "cache5", progress=False)
     assert not list((root / "cache5").glob("ablation/*"))
