@@ -4,6 +4,7 @@ bad input, the depth figure."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from typing import Any
@@ -285,3 +286,26 @@ def test_cli_run_with_layers(run: dict[str, Any], capsys: pytest.CaptureFixture[
     capsys.readouterr()
     assert main([*base, "--overwrite", "--layers", "7"]) == 2
     assert "layer" in capsys.readouterr().err.lower()
+
+
+def test_the_runs_own_stages_lend_their_loaded_model(
+    run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``identify_layers(..., stages=ident.stages)`` (the CLI after a run) does not load the
+    model a second time; stages of another configuration are not used."""
+    from raretoken.run.stages import Stages
+
+    out = run["root"] / "run_lend"
+    shutil.copytree(run["out"], out)
+    st = Stages(run["cfg"], ArrayCache(run["cache"]), progress=False)
+    assert st.loaded is not None  # loaded once, here
+    monkeypatch.setattr(stages_mod, "load_model", _no_model)
+    # settings never run before: the exact pass needs the model
+    res = identify_layers(out, "1", top_k=3, n_random=1, quality_k=2, analyses=False,
+                          cache_dir=run["cache"], progress=False, stages=st)  # fmt: skip
+    assert res.by_layer(1).values_kind == "screen"
+    other = Stages(dataclasses.replace(run["cfg"], seed=run["cfg"].seed + 1),
+                   ArrayCache(run["cache"]), progress=False)  # fmt: skip
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        identify_layers(out, "1", top_k=4, n_random=1, quality_k=2, analyses=False,
+                        cache_dir=run["cache"], progress=False, stages=other)  # fmt: skip

@@ -468,7 +468,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         identify_layers(res.run_dir, args.layers, **_layer_options(args),
                         cache_dir=args.cache_dir, no_cache=args.no_cache,
-                        progress=not args.no_progress)  # fmt: skip
+                        progress=not args.no_progress, stages=res.stages)  # fmt: skip
     _write_run_report(res.run_dir)
     log.info("run directory: %s", res.run_dir)
     sys.stdout.write((res.run_dir / "summary.md").read_text())

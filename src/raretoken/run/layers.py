@@ -122,12 +122,23 @@ def _n_layers(run_dir: Path, st: Stages) -> int:
     return int(dims["n_layers"])
 
 
-def run_inputs(run_dir: Path | str, cache: ArrayCache, *, progress: bool = False) -> RunInputs:
+def _reuse(stages: Stages | None, cfg: RunConfig) -> Stages | None:
+    """``stages`` when it is the run's own (same configuration): its loaded model is reused."""
+    return stages if stages is not None and stages.cfg == cfg else None
+
+
+def run_inputs(
+    run_dir: Path | str,
+    cache: ArrayCache,
+    *,
+    progress: bool = False,
+    stages: Stages | None = None,
+) -> RunInputs:
     """The run's windows and rare/common rows, the way identification built them (cached:
     no model is loaded when the run's token statistics and windows are in ``cache``)."""
     run_dir = Path(run_dir)
     cfg = _config(run_dir)
-    st = Stages(cfg, cache, progress=progress)
+    st = _reuse(stages, cfg) or Stages(cfg, cache, progress=progress)
     n_layers = _n_layers(run_dir, st)
     counts, _ = st.token_counts()
     split, always = st.splits(counts)
@@ -267,6 +278,7 @@ def identify_layers(
     cache_dir: Path | str | None = None,
     no_cache: bool = False,
     progress: bool = True,
+    stages: Stages | None = None,
 ) -> LayersResult:
     """Identify rare-token neurons in each of ``layers`` of the finished run at ``run_dir``.
 
@@ -291,6 +303,9 @@ def identify_layers(
         routing is the run's), on ``routing_windows`` (>= 2) seeded windows of the sample.
     cache_dir, no_cache, progress:
         As for :func:`~raretoken.run.identify`.
+    stages:
+        The run's :class:`~.stages.Stages` when the caller has them (e.g.
+        ``identify(...).stages``): its loaded model is reused instead of loaded again.
     """
     run_dir = Path(run_dir)
     opts: dict[str, Any] = {"top_k": top_k, "n_random": n_random, "quality_k": quality_k, "analyses": analyses,
@@ -300,12 +315,12 @@ def identify_layers(
     top_k, n_random, quality_k, n_groups, routing_windows = check_layer_options(cfg, **opts)
     run = RunDirectory.open_existing(run_dir, cfg.to_dict())
     cache = open_cache(cache_dir, no_cache)
-    st = Stages(cfg, cache, progress=progress)
+    st = _reuse(stages, cfg) or Stages(cfg, cache, progress=progress)
     wanted = parse_layers(layers, _n_layers(run_dir, st))  # before any model work
     t0 = time.perf_counter()
     run.begin("layers")
     try:
-        inp = run_inputs(run_dir, cache, progress=progress)
+        inp = run_inputs(run_dir, cache, progress=progress, stages=st)
         recorded = run.manifest.get("stages", {}).get("sampling", {}).get("key")
         if recorded is not None and recorded != inp.sample_key:
             raise RunDirectoryError(
