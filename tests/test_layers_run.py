@@ -309,3 +309,13 @@ def test_the_runs_own_stages_lend_their_loaded_model(
     with pytest.raises(AssertionError, match="the model was loaded"):
         identify_layers(out, "1", top_k=4, n_random=1, quality_k=2, analyses=False,
                         cache_dir=run["cache"], progress=False, stages=other)  # fmt: skip
+
+
+def test_depth_axis_labels_are_thinned_for_deep_models() -> None:
+    from raretoken.plotting.depth import _thinned
+
+    assert _thinned(np.arange(4)).tolist() == [0, 1, 2, 3]
+    assert _thinned(np.arange(30)).tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                                26, 28, 29]  # fmt: skip
+    assert _thinned(np.arange(48)).tolist() == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 47]
+    assert _thinned(np.array([0, 5, 31])).tolist() == [0, 5, 31]

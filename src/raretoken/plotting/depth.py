@@ -208,7 +208,7 @@ class DepthDisplay:
                 rt.text(0.5, 0.5, "routing not run", transform=rt.transAxes, ha="center")
             rt.set_ylabel("routing difference")
             rt.set_title("attention routing", fontsize=9)
-        ticks = t.layer if an is None else np.union1d(t.layer, an.layer)
+        ticks = _thinned(t.layer if an is None else np.union1d(t.layer, an.layer))
         for ax in axes:
             ax.set_xticks(ticks.tolist())
         fig.suptitle("Rare-token neurons across depth")
@@ -221,3 +221,20 @@ class DepthDisplay:
             self.plot()
         assert self.figure_ is not None
         return save_png_svg(self.figure_, path_stem, dpi=dpi)
+
+
+#: Most layer labels on an axis before they are thinned (they would overlap).
+MAX_TICKS = 16
+
+
+def _thinned(layers: np.ndarray, most: int = MAX_TICKS) -> np.ndarray:
+    """The layers to label: all of them up to ``most``, else every k-th (k from 2, 5, 10, ...)
+    starting at the first, with the last layer always labelled."""
+    layers = np.asarray(layers)
+    if layers.size <= most:
+        return layers
+    for k in (2, 5, 10, 20, 50, 100):
+        keep = layers[::k]
+        if keep.size < most:
+            break
+    return np.union1d(keep, layers[-1:])
