@@ -306,10 +306,8 @@ class RunDirectory:
         identification it was computed from (unless ``info`` gives one): what
         :meth:`publish` checks before carrying its results into a republished run.
         """
-        if stage in ADDON_STAGES:
-            if "basis" not in info:
-                info["basis"] = identification_basis(self.manifest.get("stages") or {})
-            status = self.settled_status()
+        if stage in ADDON_STAGES and "basis" not in info:
+            info["basis"] = identification_basis(self.manifest.get("stages") or {})
         self.manifest.pop("running", None)
         self.manifest.setdefault("stages", {})[stage] = dict(info, finished=now_iso())
         self.manifest["status"] = status
